@@ -1,0 +1,184 @@
+// Command gokvm-ft runs a virtual machine on KVM: by default the bundled
+// Linux kernel and u-root initramfs, with the guest's serial console on the
+// terminal. Ctrl-A x quits.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/gokvm-ft/gokvm-ft/machine"
+)
+
+// Exit statuses.
+const (
+	exitOK          = 0
+	exitError       = 1
+	exitUsage       = 2
+	exitReset       = 3
+	exitTripleFault = 4
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+// options are the parsed command line.
+type options struct {
+	mem      uint64
+	kernel   string
+	initrd   string
+	append   string
+	host     machine.HostKind
+	logLevel slog.Level
+}
+
+// parseSize parses a memory size: bytes, or a number with K, M or G.
+func parseSize(s string) (uint64, error) {
+	mult := uint64(1)
+	t := strings.ToUpper(strings.TrimSpace(s))
+	t = strings.TrimSuffix(t, "B")
+	if t != "" {
+		switch t[len(t)-1] {
+		case 'K':
+			mult, t = 1<<10, t[:len(t)-1]
+		case 'M':
+			mult, t = 1<<20, t[:len(t)-1]
+		case 'G':
+			mult, t = 1<<30, t[:len(t)-1]
+		}
+	}
+	n, err := strconv.ParseUint(t, 10, 64)
+	if err != nil || n == 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("bad size %q (want e.g. 256M or 1G)", s)
+	}
+	return n * mult, nil
+}
+
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	fs := flag.NewFlagSet("gokvm-ft", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	mem := fs.String("mem", "256M", "guest RAM (K, M or G suffix)")
+	kernel := fs.String("kernel", "images/out/bzImage", "Linux kernel: bzImage or ELF vmlinux")
+	initrd := fs.String("initrd", "images/out/initramfs.cpio", "initramfs (empty for none)")
+	appendArgs := fs.String("append", "", "extra kernel command-line arguments")
+	host := fs.String("host", "auto", "host kind for CPU feature masks: auto, lab or bare-metal")
+	logLevel := fs.String("log", "info", "log level: debug, info, warn or error")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs}
+	var err error
+	if o.mem, err = parseSize(*mem); err != nil {
+		return nil, fmt.Errorf("-mem: %w", err)
+	}
+	if o.mem%machine.PageSize != 0 || o.mem > machine.MaxMemory {
+		return nil, fmt.Errorf("-mem: %s must be a multiple of 4K and at most %dM", *mem, machine.MaxMemory>>20)
+	}
+	if o.host, err = machine.ParseHostKind(*host); err != nil {
+		return nil, fmt.Errorf("-host: %w", err)
+	}
+	if err := o.logLevel.UnmarshalText([]byte(*logLevel)); err != nil {
+		return nil, fmt.Errorf("-log: %w", err)
+	}
+	return o, nil
+}
+
+func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
+		return exitUsage
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	if err := checkImages(o); err != nil {
+		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
+		return exitError
+	}
+	m, err := machine.New(machine.Config{MemorySize: o.mem, Host: o.host, Console: stdout, Logger: log})
+	if err != nil {
+		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
+		return exitError
+	}
+	defer m.Close()
+	log.Debug("machine ready", "mem", o.mem, "host", o.host)
+	if err := loadGuest(m, o); err != nil {
+		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
+		return exitError
+	}
+
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer cancel()
+	restore := consoleInput(stdin, m.DeliverSerial, cancel)
+	stop, err := m.Run(ctx)
+	restore()
+	m.CloseInput()
+	if err != nil {
+		fmt.Fprintf(stderr, "\r\ngokvm-ft: %v\n", err)
+		return exitError
+	}
+	return stopStatus(stop, stderr)
+}
+
+// stopStatus reports how the guest stopped and picks the exit status.
+func stopStatus(stop machine.Stop, stderr io.Writer) int {
+	switch stop.Kind {
+	case machine.StopPowerOff, machine.StopHalted, machine.StopCanceled:
+		return exitOK
+	case machine.StopTestExit:
+		return int(min(stop.Code, 125))
+	case machine.StopReset:
+		fmt.Fprintf(stderr, "\r\ngokvm-ft: guest reset (%s): stopping\n", stop.Detail)
+		return exitReset
+	case machine.StopTripleFault:
+		fmt.Fprintf(stderr, "\r\ngokvm-ft: guest triple fault: stopping\n")
+		return exitTripleFault
+	}
+	fmt.Fprintf(stderr, "\r\ngokvm-ft: guest stopped: %v\n", stop)
+	return exitError
+}
+
+// checkImages makes sure the kernel and initrd exist before anything else.
+func checkImages(o *options) error {
+	for _, f := range []struct{ flag, path string }{{"-kernel", o.kernel}, {"-initrd", o.initrd}} {
+		if f.path == "" && f.flag == "-initrd" {
+			continue
+		}
+		st, err := os.Stat(f.path)
+		if err != nil {
+			hint := ""
+			if strings.HasPrefix(f.path, "images/out/") {
+				hint = " (run `make images` to build the bundled images)"
+			}
+			return fmt.Errorf("%s %s: %w%s", f.flag, f.path, errors.Unwrap(err), hint)
+		}
+		if !st.Mode().IsRegular() {
+			return fmt.Errorf("%s %s: not a regular file", f.flag, f.path)
+		}
+	}
+	return nil
+}
+
+// loadGuest puts the kernel into the machine.
+func loadGuest(m *machine.Machine, o *options) error {
+	return fmt.Errorf("-kernel %s: the Linux boot loader is not implemented yet", o.kernel)
+}

@@ -1,0 +1,561 @@
+package machine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/gokvm-ft/gokvm-ft/kvm"
+	"github.com/gokvm-ft/gokvm-ft/machine/pic"
+	"github.com/gokvm-ft/gokvm-ft/machine/pit"
+	"github.com/gokvm-ft/gokvm-ft/machine/rtc"
+	"github.com/gokvm-ft/gokvm-ft/machine/uart"
+)
+
+// Guest physical layout. RAM starts at 0; the 1 GiB below 4 GiB is kept for
+// MMIO devices and the few pages Intel VMX needs for itself.
+const (
+	MaxMemory    = 3 << 30
+	MMIOBase     = 0xd0000000
+	vmxTSSAddr   = 0xfffbd000
+	vmxIdentAddr = 0xfffbc000
+	COM1Base     = 0x3f8
+	COM1IRQ      = 4
+	PITIRQ       = 0
+)
+
+// Config describes a machine.
+type Config struct {
+	MemorySize uint64   // bytes of RAM, a multiple of 4 KiB, at most MaxMemory
+	Host       HostKind // which CPU feature masks apply
+	// Clock is the source of guest time; nil means a HostClock from 0.
+	Clock Clock
+	// WallTime is what the RTC shows at guest time 0; zero means now.
+	WallTime time.Time
+	// Console receives the UART's output; nil discards it.
+	Console io.Writer
+	// TestExit enables PortTestExit, through which test guests stop the
+	// machine with a status code.
+	TestExit bool
+	// DirtyLog turns on KVM's dirty page log for RAM.
+	DirtyLog bool
+	// OnExit, if set, is called on the vCPU thread after every deterministic
+	// exit (PIO, MMIO, HLT, interrupt window) has been handled.
+	OnExit func(Exit)
+	Logger *slog.Logger
+}
+
+// Exit describes one deterministic exit, for tracing and positions.
+type Exit struct {
+	Count  uint64         // deterministic exits so far, this one included
+	Reason kvm.ExitReason // IO, MMIO, HLT or IRQ_WINDOW_OPEN
+	RIP    uint64         // guest RIP at the exit (only filled in for OnExit)
+	Addr   uint64         // port or MMIO address
+	Size   uint8          // access size in bytes
+	Write  bool
+	Vector int // vector injected right after this exit, -1 if none
+}
+
+// StopKind says why a machine stopped running.
+type StopKind int
+
+// Stop kinds.
+const (
+	StopCanceled    StopKind = iota // the context was cancelled
+	StopTestExit                    // a write to PortTestExit
+	StopReset                       // the guest asked for a reset
+	StopTripleFault                 // KVM_EXIT_SHUTDOWN: a triple fault
+	StopPowerOff                    // the guest powered off
+	StopHalted                      // HLT with interrupts disabled: nothing can wake it
+)
+
+var stopNames = [...]string{"canceled", "test exit", "reset", "triple fault", "power off", "halted"}
+
+func (k StopKind) String() string {
+	if int(k) < len(stopNames) {
+		return stopNames[k]
+	}
+	return fmt.Sprintf("stop(%d)", int(k))
+}
+
+// Stop is how a run ended.
+type Stop struct {
+	Kind   StopKind
+	Code   uint32 // for StopTestExit
+	Detail string
+}
+
+func (s Stop) String() string {
+	switch {
+	case s.Kind == StopTestExit:
+		return fmt.Sprintf("test exit with code %d", s.Code)
+	case s.Detail != "":
+		return s.Kind.String() + ": " + s.Detail
+	}
+	return s.Kind.String()
+}
+
+// ExitError is an exit the machine cannot handle: the guest is stuck or KVM
+// failed. It carries the guest registers for the report.
+type ExitError struct {
+	Reason kvm.ExitReason
+	Detail string
+	Regs   kvm.Regs
+}
+
+func (e *ExitError) Error() string {
+	return fmt.Sprintf("vCPU exit %v: %s (rip=%#x rsp=%#x rflags=%#x)", e.Reason, e.Detail, e.Regs.RIP, e.Regs.RSP, e.Regs.RFLAGS)
+}
+
+// Machine is one VM with one vCPU.
+type Machine struct {
+	cfg    Config
+	log    *slog.Logger
+	sys    *kvm.System
+	vm     *kvm.VM
+	cpu    *kvm.VCPU
+	mem    *Memory
+	clock  Clock
+	policy CPUPolicy
+
+	pio  bus[PortDevice]
+	mmio bus[MMIODevice]
+
+	PIC  *pic.PIC
+	PIT  *pit.PIT
+	UART *uart.UART
+	RTC  *rtc.RTC
+	kbc  *i8042
+	sysc *sysCtrl
+
+	exits    uint64 // deterministic exits
+	stop     *Stop
+	armed    time.Duration
+	hasArmed bool
+	unknown  map[uint64]bool // unclaimed ports/addresses already logged
+
+	inputs inputQueue
+
+	kickMu sync.Mutex
+	closed bool
+}
+
+// New creates the VM, its memory, vCPU and legacy devices.
+func New(cfg Config) (*Machine, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Console == nil {
+		cfg.Console = io.Discard
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = NewHostClock(0)
+	}
+	if cfg.WallTime.IsZero() {
+		cfg.WallTime = time.Now().UTC().Truncate(time.Second)
+	}
+	m := &Machine{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, policy: CPUPolicy{Host: cfg.Host}, unknown: map[uint64]bool{}}
+	m.inputs.init()
+	if err := m.create(); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+func (m *Machine) create() error {
+	var err error
+	if m.mem, err = NewMemory(m.cfg.MemorySize); err != nil {
+		return err
+	}
+	if m.sys, err = kvm.Open(); err != nil {
+		return err
+	}
+	if err := m.sys.RequireExtensions(kvm.CapUserMemory, kvm.CapImmediateExit, kvm.CapExtCPUID, kvm.CapVCPUEvents); err != nil {
+		return err
+	}
+	if m.vm, err = m.sys.CreateVM(); err != nil {
+		return err
+	}
+	if m.vm.CheckExtension(kvm.CapSetTSSAddr) != 0 {
+		// Needed by Intel VMX for real-mode emulation; harmless elsewhere.
+		if err := m.vm.SetTSSAddr(vmxTSSAddr); err != nil {
+			return err
+		}
+	}
+	var flags uint32
+	if m.cfg.DirtyLog {
+		flags |= kvm.MemLogDirtyPages
+	}
+	if err := m.vm.SetUserMemoryRegion(kvm.UserMemoryRegion{Slot: 0, Flags: flags, MemorySize: m.mem.Size(), UserspaceAddr: kvm.HostAddr(m.mem.host())}); err != nil {
+		return err
+	}
+	if m.cpu, err = m.vm.CreateVCPU(0); err != nil {
+		return err
+	}
+	supported, err := m.sys.SupportedCPUID()
+	if err != nil {
+		return err
+	}
+	if err := m.cpu.SetCPUID2(m.policy.Apply(supported)); err != nil {
+		return err
+	}
+	if err := m.cpu.SetMSRs(m.policy.InitialMSRs()); err != nil {
+		return err
+	}
+	return m.createDevices()
+}
+
+func (m *Machine) createDevices() error {
+	m.PIC = pic.New()
+	m.PIT = pit.New(m.clock, func(level bool) { m.PIC.SetIRQ(PITIRQ, level) })
+	m.UART = uart.New(COM1Base, func(level bool) { m.PIC.SetIRQ(COM1IRQ, level) }, m.cfg.Console)
+	m.RTC = rtc.New(m.clock, m.cfg.WallTime)
+	m.setCMOSMemorySize()
+	m.kbc = &i8042{reset: m.requestReset}
+	m.sysc = &sysCtrl{reset: m.requestReset}
+	regs := []struct {
+		base, size uint64
+		dev        PortDevice
+	}{
+		{0x20, 2, m.PIC}, {0xa0, 2, m.PIC}, {0x4d0, 2, m.PIC},
+		{0x40, 4, m.PIT}, {0x61, 1, m.PIT},
+		{COM1Base, 8, m.UART},
+		{0x70, 2, m.RTC},
+		{portI8042Data, 1, m.kbc}, {portI8042Cmd, 1, m.kbc},
+		{portSysCtrlA, 1, m.sysc}, {portResetCtrl, 1, m.sysc},
+		{portPOST, 1, sinkPort{}}, {portDelay, 1, sinkPort{}},
+	}
+	if m.cfg.TestExit {
+		regs = append(regs, struct {
+			base, size uint64
+			dev        PortDevice
+		}{PortTestExit, 4, testExit{exit: func(code uint32) {
+			m.requestStop(Stop{Kind: StopTestExit, Code: code})
+		}}})
+	}
+	for _, r := range regs {
+		if err := m.pio.register(r.base, r.size, r.dev); err != nil {
+			return fmt.Errorf("port bus: %w", err)
+		}
+	}
+	return nil
+}
+
+// setCMOSMemorySize fills the CMOS bytes where firmware reports RAM size.
+func (m *Machine) setCMOSMemorySize() {
+	kb := m.mem.Size() >> 10
+	ext := min(max(kb, 1024)-1024, 0xffff) // KiB above 1 MiB, capped
+	m.RTC.SetRAM(0x15, 0x80)               // 640 KiB base memory
+	m.RTC.SetRAM(0x16, 0x02)
+	m.RTC.SetRAM(0x17, byte(ext))
+	m.RTC.SetRAM(0x18, byte(ext>>8))
+	m.RTC.SetRAM(0x30, byte(ext))
+	m.RTC.SetRAM(0x31, byte(ext>>8))
+	above16 := uint64(0)
+	if m.mem.Size() > 16<<20 {
+		above16 = min((m.mem.Size()-16<<20)>>16, 0xffff) // 64 KiB units
+	}
+	m.RTC.SetRAM(0x34, byte(above16))
+	m.RTC.SetRAM(0x35, byte(above16>>8))
+}
+
+// RegisterPort adds a device to the port bus.
+func (m *Machine) RegisterPort(base uint16, size uint16, dev PortDevice) error {
+	return m.pio.register(uint64(base), uint64(size), dev)
+}
+
+// RegisterMMIO adds a device to the MMIO bus; the range must lie outside RAM.
+func (m *Machine) RegisterMMIO(base, size uint64, dev MMIODevice) error {
+	if base < m.mem.Size() {
+		return fmt.Errorf("MMIO range at %#x overlaps RAM (%#x bytes)", base, m.mem.Size())
+	}
+	return m.mmio.register(base, size, dev)
+}
+
+// Memory is guest RAM.
+func (m *Machine) Memory() *Memory { return m.mem }
+
+// VCPU is the machine's vCPU, for loaders that set its initial state. Use it
+// only while the machine is not running.
+func (m *Machine) VCPU() *kvm.VCPU { return m.cpu }
+
+// Clock is the machine's clock.
+func (m *Machine) Clock() Clock { return m.clock }
+
+// Policy is the CPU policy in force.
+func (m *Machine) Policy() CPUPolicy { return m.policy }
+
+// SetOnExit replaces Config.OnExit; call it only while the machine is not
+// running.
+func (m *Machine) SetOnExit(f func(Exit)) { m.cfg.OnExit = f }
+
+// Exits is the number of deterministic exits so far.
+func (m *Machine) Exits() uint64 { return m.exits }
+
+// Close releases the vCPU, VM and memory.
+func (m *Machine) Close() error {
+	m.kickMu.Lock()
+	m.closed = true
+	m.kickMu.Unlock()
+	var errs []error
+	if m.cpu != nil {
+		errs = append(errs, m.cpu.Close())
+	}
+	if m.vm != nil {
+		errs = append(errs, m.vm.Close())
+	}
+	if m.sys != nil {
+		errs = append(errs, m.sys.Close())
+	}
+	if m.mem != nil {
+		errs = append(errs, m.mem.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// kick makes the vCPU loop come round soon; safe from any goroutine.
+func (m *Machine) kick() {
+	m.kickMu.Lock()
+	defer m.kickMu.Unlock()
+	if !m.closed {
+		m.cpu.Kick()
+	}
+}
+
+func (m *Machine) requestStop(s Stop) {
+	if m.stop == nil {
+		m.stop = &s
+	}
+}
+
+func (m *Machine) requestReset(why string) { m.requestStop(Stop{Kind: StopReset, Detail: why}) }
+
+// DirtyPages ORs into bitmap every page written since the last call, by
+// the guest (KVM's dirty log, when Config.DirtyLog is on) or by the VMM.
+// bitmap needs Memory().BitmapWords() words.
+func (m *Machine) DirtyPages(bitmap []uint64) error {
+	if len(bitmap) < m.mem.BitmapWords() {
+		return fmt.Errorf("dirty bitmap of %d words, need %d", len(bitmap), m.mem.BitmapWords())
+	}
+	if m.cfg.DirtyLog {
+		k := make([]uint64, len(bitmap))
+		if err := m.vm.GetDirtyLog(0, k); err != nil {
+			return err
+		}
+		for i := range k {
+			bitmap[i] |= k[i]
+		}
+	}
+	m.mem.TakeVMMDirty(bitmap)
+	return nil
+}
+
+// Run runs the guest until it stops, the context ends or an error occurs.
+// It must not be called concurrently with itself or with state accessors.
+func (m *Machine) Run(ctx context.Context) (Stop, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	m.cpu.BindThread()
+	defer m.cpu.UnbindThread()
+	unwatch := context.AfterFunc(ctx, m.kick)
+	defer unwatch()
+	for {
+		if m.stop != nil {
+			return *m.stop, nil
+		}
+		if ctx.Err() != nil {
+			return Stop{Kind: StopCanceled}, nil
+		}
+		m.service()
+		vector, err := m.inject()
+		if err != nil {
+			return Stop{}, err
+		}
+		if err := m.cpu.Run(); err != nil {
+			return Stop{}, err
+		}
+		ex := Exit{Reason: m.cpu.ExitReason(), Vector: -1}
+		switch ex.Reason {
+		case kvm.ExitIntr:
+			// A kick or a host signal: not a guest event.
+			m.cpu.ClearImmediateExit()
+			continue
+		case kvm.ExitIO:
+			if err := m.handleIO(&ex); err != nil {
+				return Stop{}, err
+			}
+		case kvm.ExitMMIO:
+			m.handleMMIO(&ex)
+		case kvm.ExitHLT:
+			if !m.cpu.IFFlag() {
+				m.requestStop(Stop{Kind: StopHalted, Detail: "HLT with interrupts disabled"})
+			} else {
+				m.waitForInterrupt(ctx)
+			}
+		case kvm.ExitIRQWindowOpen:
+			// Injection happens at the top of the loop.
+		case kvm.ExitShutdown:
+			m.requestStop(Stop{Kind: StopTripleFault, Detail: "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"})
+			continue
+		case kvm.ExitSystemEvent:
+			ev := m.cpu.SystemEvent()
+			switch ev.Type {
+			case kvm.SystemEventReset:
+				m.requestReset("KVM system event")
+			case kvm.SystemEventShutdown:
+				m.requestStop(Stop{Kind: StopPowerOff, Detail: "KVM system event"})
+			default:
+				return Stop{}, m.exitError(ex.Reason, fmt.Sprintf("system event type %d", ev.Type))
+			}
+			continue
+		case kvm.ExitDebug:
+			continue
+		case kvm.ExitFailEntry:
+			fe := m.cpu.FailEntry()
+			return Stop{}, m.exitError(ex.Reason, fmt.Sprintf("hardware entry failure reason %#x", fe.HardwareEntryFailureReason))
+		case kvm.ExitInternalError:
+			ie := m.cpu.InternalError()
+			n := min(int(ie.NData), len(ie.Data))
+			return Stop{}, m.exitError(ex.Reason, fmt.Sprintf("suberror %d (1: instruction emulation failed) data %#x", ie.Suberror, ie.Data[:n]))
+		default:
+			return Stop{}, m.exitError(ex.Reason, "unexpected exit")
+		}
+		m.exits++
+		if m.cfg.OnExit != nil {
+			ex.Count = m.exits
+			if vector >= 0 {
+				ex.Vector = vector
+			}
+			if regs, err := m.cpu.GetRegs(); err == nil {
+				ex.RIP = regs.RIP
+			}
+			m.cfg.OnExit(ex)
+		}
+	}
+}
+
+func (m *Machine) exitError(r kvm.ExitReason, detail string) error {
+	regs, _ := m.cpu.GetRegs()
+	return &ExitError{Reason: r, Detail: detail, Regs: regs}
+}
+
+// service brings time-driven devices up to date and hands queued input to
+// devices. It runs on the vCPU thread between exits: the only place where the
+// outside world enters the machine.
+func (m *Machine) service() {
+	next, ok := m.PIT.Advance(m.clock.Now())
+	if ok && (!m.hasArmed || next != m.armed) {
+		m.armed, m.hasArmed = next, true
+		m.clock.WakeAt(next, m.kick)
+	}
+	m.drainInputs()
+}
+
+// inject delivers the PIC's pending interrupt if the guest can take it now,
+// else asks KVM for an interrupt-window exit. The PIC acknowledge (IRR to
+// ISR) happens only at the moment of KVM_INTERRUPT, as INTA would. It returns
+// the vector injected, or -1.
+func (m *Machine) inject() (int, error) {
+	if !m.PIC.Pending() {
+		m.cpu.SetRequestInterruptWindow(false)
+		return -1, nil
+	}
+	if m.cpu.ReadyForInterruptInjection() && m.cpu.IFFlag() {
+		v := m.PIC.Acknowledge()
+		if err := m.cpu.Interrupt(v); err != nil {
+			return -1, err
+		}
+		m.cpu.SetRequestInterruptWindow(false)
+		return int(v), nil
+	}
+	m.cpu.SetRequestInterruptWindow(true)
+	return -1, nil
+}
+
+// waitForInterrupt is the halted state: sleep on the clock until a device
+// raises an interrupt, input arrives, or the run ends.
+func (m *Machine) waitForInterrupt(ctx context.Context) {
+	for m.stop == nil && ctx.Err() == nil {
+		m.service()
+		if m.PIC.Pending() {
+			return
+		}
+		next, ok := m.PIT.Advance(m.clock.Now())
+		if ok {
+			m.clock.SleepUntil(ctx, next, m.inputs.wake)
+			continue
+		}
+		select {
+		case <-m.inputs.wake:
+		case <-ctx.Done():
+		}
+	}
+}
+
+func (m *Machine) handleIO(ex *Exit) error {
+	io := m.cpu.IO()
+	data, err := m.cpu.IOData()
+	if err != nil {
+		return m.exitError(kvm.ExitIO, err.Error())
+	}
+	size := int(io.Size)
+	ex.Addr, ex.Size, ex.Write = uint64(io.Port), io.Size, io.Direction == kvm.IOOut
+	if size != 1 && size != 2 && size != 4 {
+		return m.exitError(kvm.ExitIO, fmt.Sprintf("port %#x access of %d bytes", io.Port, size))
+	}
+	dev, _, ok := m.pio.find(uint64(io.Port))
+	for i := 0; i < int(io.Count); i++ {
+		d := data[i*size : (i+1)*size]
+		switch {
+		case !ok:
+			m.unclaimed("port", uint64(io.Port), ex.Write)
+			if !ex.Write {
+				fillOnes(d)
+			}
+		case ex.Write:
+			dev.WritePort(io.Port, d)
+		default:
+			dev.ReadPort(io.Port, d)
+		}
+	}
+	return nil
+}
+
+func (m *Machine) handleMMIO(ex *Exit) {
+	mm := m.cpu.MMIO()
+	n := min(int(mm.Len), len(mm.Data))
+	d := mm.Data[:n]
+	ex.Addr, ex.Size, ex.Write = mm.PhysAddr, uint8(n), mm.IsWrite != 0
+	dev, base, ok := m.mmio.find(mm.PhysAddr)
+	switch {
+	case !ok:
+		m.unclaimed("mmio", mm.PhysAddr, ex.Write)
+		if !ex.Write {
+			fillOnes(d)
+		}
+	case ex.Write:
+		dev.WriteMMIO(mm.PhysAddr-base, d)
+	default:
+		dev.ReadMMIO(mm.PhysAddr-base, d)
+	}
+}
+
+// unclaimed logs the first access to each unclaimed address: useful when
+// bringing up a guest, quiet afterwards.
+func (m *Machine) unclaimed(space string, addr uint64, write bool) {
+	key := addr
+	if space == "mmio" {
+		key |= 1 << 63
+	}
+	if m.unknown[key] {
+		return
+	}
+	m.unknown[key] = true
+	m.log.Debug("unclaimed access", "space", space, "addr", fmt.Sprintf("%#x", addr), "write", write)
+}
