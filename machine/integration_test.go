@@ -495,3 +495,31 @@ func TestDeterminism(t *testing.T) {
 		t.Errorf("console %q and %q, want xyz", c1, c2)
 	}
 }
+
+// TestQueuedInterruptIsVCPUState queues a vector with KVM_INTERRUPT, saves
+// the vCPU before the guest ran, and checks that the vector is in the saved
+// events and is delivered by a second machine restored from that state.
+func TestQueuedInterruptIsVCPUState(t *testing.T) {
+	src := `
+_start:
+	jmp _start
+vec_48:
+	mov $48, %eax
+` + exitWithEAX
+	a := newGuest(t, src, machine.Config{}, tinyguest.Options{IF: true})
+	if err := a.m.VCPU().Interrupt(48); err != nil {
+		t.Fatal(err)
+	}
+	st, err := a.m.SaveVCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Events.Interrupt.Injected != 1 || st.Events.Interrupt.Nr != 48 {
+		t.Fatalf("saved events %+v: queued vector 48 missing", st.Events.Interrupt)
+	}
+	b := newGuest(t, src, machine.Config{}, tinyguest.Options{})
+	if err := b.m.RestoreVCPU(st); err != nil {
+		t.Fatal(err)
+	}
+	b.wantExit(5*time.Second, 48)
+}

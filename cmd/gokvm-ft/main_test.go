@@ -1,0 +1,90 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+
+	"github.com/gokvm-ft/gokvm-ft/machine"
+)
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]uint64{"4096": 4096, "256M": 256 << 20, "1g": 1 << 30, "64K": 64 << 10, "2GB": 2 << 30} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "M", "0", "-1M", "12X", "1.5G", "99999999999999999999G"} {
+		if _, err := parseSize(bad); err == nil {
+			t.Errorf("parseSize(%q) accepted", bad)
+		}
+	}
+}
+
+func TestFlagsNameTheBadOne(t *testing.T) {
+	for args, want := range map[string]string{
+		"-mem 12X":     "-mem",
+		"-mem 4097":    "-mem",
+		"-mem 8G":      "-mem",
+		"-host vmware": "-host",
+		"-log loud":    "-log",
+		"-bogus":       "bogus",
+		"stray":        "stray",
+	} {
+		var stderr bytes.Buffer
+		if code := run(strings.Fields(args), nil, &bytes.Buffer{}, &stderr); code != exitUsage {
+			t.Errorf("%q: exit %d, want %d", args, code, exitUsage)
+		}
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("%q: message %q does not name %q", args, stderr.String(), want)
+		}
+	}
+}
+
+func TestMissingImages(t *testing.T) {
+	var stderr bytes.Buffer
+	code := run([]string{"-kernel", "/nonexistent/bzImage"}, nil, &bytes.Buffer{}, &stderr)
+	if code != exitError || !strings.Contains(stderr.String(), "/nonexistent/bzImage") {
+		t.Errorf("exit %d, %q", code, stderr.String())
+	}
+	stderr.Reset()
+	code = run([]string{"-kernel", "/", "-initrd", ""}, nil, &bytes.Buffer{}, &stderr)
+	if code != exitError || !strings.Contains(stderr.String(), "not a regular file") {
+		t.Errorf("exit %d, %q", code, stderr.String())
+	}
+}
+
+func TestEscapeFilter(t *testing.T) {
+	var f escapeFilter
+	out, quit := f.filter([]byte("ab\x01\x01c\x01"))
+	if string(out) != "ab\x01c" || quit {
+		t.Errorf("filter = %q, %v", out, quit)
+	}
+	// The escape carries over to the next read.
+	out, quit = f.filter([]byte("x"))
+	if len(out) != 0 || !quit {
+		t.Errorf("split escape: %q, %v", out, quit)
+	}
+	out, quit = f.filter([]byte("\x01qz"))
+	if string(out) != "\x01qz" || quit {
+		t.Errorf("unknown escape: %q, %v", out, quit)
+	}
+}
+
+func TestStopStatus(t *testing.T) {
+	for _, c := range []struct {
+		stop machine.Stop
+		want int
+		msg  string
+	}{
+		{machine.Stop{Kind: machine.StopPowerOff}, exitOK, ""},
+		{machine.Stop{Kind: machine.StopReset, Detail: "i8042 reset command"}, exitReset, "guest reset"},
+		{machine.Stop{Kind: machine.StopTripleFault}, exitTripleFault, "triple fault"},
+		{machine.Stop{Kind: machine.StopTestExit, Code: 7}, 7, ""},
+	} {
+		var stderr bytes.Buffer
+		if got := stopStatus(c.stop, &stderr); got != c.want || !strings.Contains(stderr.String(), c.msg) {
+			t.Errorf("%v: status %d %q, want %d %q", c.stop, got, stderr.String(), c.want, c.msg)
+		}
+	}
+}
