@@ -16,6 +16,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/gokvm-ft/gokvm-ft/boot"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 )
 
@@ -68,7 +69,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs := flag.NewFlagSet("gokvm-ft", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	mem := fs.String("mem", "256M", "guest RAM (K, M or G suffix)")
-	kernel := fs.String("kernel", "images/out/bzImage", "Linux kernel: bzImage or ELF vmlinux")
+	kernel := fs.String("kernel", defaultKernel(), "Linux kernel: bzImage or ELF vmlinux")
 	initrd := fs.String("initrd", "images/out/initramfs.cpio", "initramfs (empty for none)")
 	appendArgs := fs.String("append", "", "extra kernel command-line arguments")
 	host := fs.String("host", "auto", "host kind for CPU feature masks: auto, lab or bare-metal")
@@ -121,7 +122,7 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	}
 	defer m.Close()
 	log.Debug("machine ready", "mem", o.mem, "host", o.host)
-	if err := loadGuest(m, o); err != nil {
+	if err := loadGuest(m, o, log); err != nil {
 		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
 		return exitError
 	}
@@ -157,6 +158,16 @@ func stopStatus(stop machine.Stop, stderr io.Writer) int {
 	return exitError
 }
 
+// defaultKernel prefers the bundled ELF vmlinux, which is entered at
+// startup_64 directly, over the bzImage, whose decompressor would run first
+// (slowly where guest kernel code is emulated).
+func defaultKernel() string {
+	if _, err := os.Stat("images/out/vmlinux"); err == nil {
+		return "images/out/vmlinux"
+	}
+	return "images/out/bzImage"
+}
+
 // checkImages makes sure the kernel and initrd exist before anything else.
 func checkImages(o *options) error {
 	for _, f := range []struct{ flag, path string }{{"-kernel", o.kernel}, {"-initrd", o.initrd}} {
@@ -178,7 +189,33 @@ func checkImages(o *options) error {
 	return nil
 }
 
-// loadGuest puts the kernel into the machine.
-func loadGuest(m *machine.Machine, o *options) error {
-	return fmt.Errorf("-kernel %s: the Linux boot loader is not implemented yet", o.kernel)
+// loadGuest puts the kernel, initrd and command line into the machine and
+// sets the vCPU to enter the kernel.
+func loadGuest(m *machine.Machine, o *options, log *slog.Logger) error {
+	kernel, err := os.ReadFile(o.kernel)
+	if err != nil {
+		return fmt.Errorf("-kernel: %w", err)
+	}
+	var initrd []byte
+	if o.initrd != "" {
+		if initrd, err = os.ReadFile(o.initrd); err != nil {
+			return fmt.Errorf("-initrd: %w", err)
+		}
+	}
+	cmdline := machine.KernelCmdline(m.Policy().Host, o.append)
+	res, err := boot.Load(m.Memory(), boot.Config{KernelName: o.kernel, Kernel: kernel, InitrdName: o.initrd, Initrd: initrd, Cmdline: cmdline})
+	if err != nil {
+		return err
+	}
+	log.Debug("kernel loaded", "format", res.Format, "entry", fmt.Sprintf("%#x", res.Entry), "initrd", fmt.Sprintf("%#x", res.InitrdAddr), "cmdline", cmdline)
+	cpu := m.VCPU()
+	sregs, err := cpu.GetSregs()
+	if err != nil {
+		return err
+	}
+	res.SetSregs(&sregs)
+	if err := cpu.SetSregs(sregs); err != nil {
+		return err
+	}
+	return cpu.SetRegs(res.Regs)
 }
