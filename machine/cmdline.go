@@ -9,8 +9,15 @@ import "strings"
 const baseCmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nolapic noapic no_timer_check reboot=k panic=-1"
 
 // labCmdline switches on the guest-kernel workarounds of images/patches
-// that this lab's nested KVM needs; bare metal gets none of them.
-const labCmdline = "gokvm.lab=1"
+// that this lab's nested KVM needs; bare metal gets none of them. The PVM
+// host also ignores KVM_SET_CPUID2 (the guest kernel sees KVM's default
+// table whatever we set; see Machine.CPUIDHonoured), so the CPU features
+// its instruction emulator cannot run in guest kernel mode are taken away
+// on the command line: XSAVE (XRSTOR), CMPXCHG16B, POPCNT, SMAP
+// (CLAC/STAC), SMEP, FSGSBASE, PCID/INVPCID, AVX; and the ones the CPU policy
+// hides on every host for determinism: RDRAND, RDSEED, RDPID, RDTSCP,
+// x2APIC, TSC deadline.
+const labCmdline = "gokvm.lab=1 noxsave clearcpuid=cx16,popcnt,smep,smap,fsgsbase,pcid,invpcid,avx,avx2,rdrand,rdseed,rdpid,rdtscp,x2apic,tsc_deadline_timer"
 
 // KernelCmdline is the kernel command line for this machine on a host of
 // the given kind, followed by the user's extra arguments.

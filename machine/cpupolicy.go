@@ -79,11 +79,12 @@ const (
 
 func bit(n uint) uint32 { return 1 << n }
 
-// labLeaf1ECX is what the lab keeps of leaf 1 ECX: the x86-64 baseline the
-// emulator handles in guest kernel mode (SSE3, SSSE3, CMPXCHG16B) and the
-// hypervisor bit. POPCNT (used by the kernel's hweight), XSAVE (XRSTOR in the
-// FPU switch), MOVBE, AES, PCLMUL, SSE4.x, AVX and F16C are all dropped.
-const labLeaf1ECX = 1<<c1SSE3 | 1<<c1SSSE3 | 1<<c1CX16 | 1<<c1Hypervisor
+// labLeaf1ECX is what the lab keeps of leaf 1 ECX: SSE3 and SSSE3, which
+// the kernel does not use, and the hypervisor bit. POPCNT (used by the
+// kernel's hweight), CMPXCHG16B (SLUB's cmpxchg_double: "instruction
+// emulation failed" at boot), XSAVE (XRSTOR in the FPU switch), MOVBE, AES,
+// PCLMUL, SSE4.x, AVX and F16C are all dropped.
+const labLeaf1ECX = 1<<c1SSE3 | 1<<c1SSSE3 | 1<<c1Hypervisor
 
 // labExt1ECX keeps only LAHF/SAHF in long mode: ABM (LZCNT, and POPCNT on
 // AMD), SSE4A, MisAlignSSE, 3DNowPrefetch, TOPOEXT and the rest are dropped.

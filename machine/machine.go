@@ -133,6 +133,8 @@ type Machine struct {
 	kbc  *i8042
 	sysc *sysCtrl
 
+	cpuidHonoured bool // KVM_GET_CPUID2 returns what we set
+
 	exits    uint64 // deterministic exits
 	stop     *Stop
 	armed    time.Duration
@@ -202,8 +204,15 @@ func (m *Machine) create() error {
 	if err != nil {
 		return err
 	}
-	if err := m.cpu.SetCPUID2(m.policy.Apply(supported)); err != nil {
+	table := m.policy.Apply(supported)
+	if err := m.cpu.SetCPUID2(table); err != nil {
 		return err
+	}
+	if back, err := m.cpu.GetCPUID2(); err == nil {
+		m.cpuidHonoured = sameCPUID(table, back)
+	}
+	if !m.cpuidHonoured {
+		m.log.Warn("the host ignores KVM_SET_CPUID2: the guest sees KVM's own CPUID table", "host", m.policy.Host)
 	}
 	if err := m.cpu.SetMSRs(m.policy.InitialMSRs()); err != nil {
 		return err
@@ -287,6 +296,31 @@ func (m *Machine) VCPU() *kvm.VCPU { return m.cpu }
 
 // Clock is the machine's clock.
 func (m *Machine) Clock() Clock { return m.clock }
+
+// CPUIDHonoured reports whether KVM kept the CPUID table of the CPU policy.
+// The lab's PVM host does not: there the kernel command line masks features
+// (see KernelCmdline).
+func (m *Machine) CPUIDHonoured() bool { return m.cpuidHonoured }
+
+// sameCPUID compares two CPUID tables leaf by leaf, ignoring order and the
+// flags KVM may add.
+func sameCPUID(a, b []kvm.CPUIDEntry) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	type key struct{ fn, idx uint32 }
+	m := make(map[key]kvm.CPUIDEntry, len(a))
+	for _, e := range a {
+		m[key{e.Function, e.Index}] = e
+	}
+	for _, e := range b {
+		w, ok := m[key{e.Function, e.Index}]
+		if !ok || w.EAX != e.EAX || w.EBX != e.EBX || w.ECX != e.ECX || w.EDX != e.EDX {
+			return false
+		}
+	}
+	return true
+}
 
 // Policy is the CPU policy in force.
 func (m *Machine) Policy() CPUPolicy { return m.policy }

@@ -50,7 +50,11 @@ func (w *watchedBuffer) waitFor(t *testing.T, s string, from int, timeout time.D
 // TestLinuxShell boots the bundled kernel and u-root initramfs, types a
 // command on the serial console, checks its output and powers off.
 func TestLinuxShell(t *testing.T) {
-	kernel, initrd := "../../images/out/vmlinux", "../../images/out/initramfs.cpio"
+	dir := "../../images/out"
+	if d := os.Getenv("GOKVM_IMAGES"); d != "" {
+		dir = d
+	}
+	kernel, initrd := dir+"/vmlinux", dir+"/initramfs.cpio"
 	for _, f := range []string{kernel, initrd} {
 		if _, err := os.Stat(f); err != nil {
 			if os.Getenv("CI") != "" {
@@ -73,9 +77,10 @@ func TestLinuxShell(t *testing.T) {
 	go func() {
 		done <- run([]string{"-kernel", kernel, "-initrd", initrd, "-mem", "256M"}, pr, &console, &stderr)
 	}()
-	// u-root's init starts the gosh shell, whose prompt ends in "# " or "$ ".
+	// u-root's init greets, then starts the gosh shell, whose prompt is "> ".
 	pos := console.waitFor(t, "Welcome to u-root", 0, 15*time.Minute, done)
-	pos = console.waitFor(t, "$ ", pos, 5*time.Minute, done)
+	t.Logf("first userspace output after %v", time.Since(start).Round(time.Millisecond))
+	pos = console.waitFor(t, "> ", pos, 5*time.Minute, done)
 	t.Logf("shell prompt after %v", time.Since(start).Round(time.Millisecond))
 	if _, err := pw.Write([]byte("echo gokvm-$((6*7))\n")); err != nil {
 		t.Fatal(err)
