@@ -6,19 +6,24 @@ GOFLAGS  ?=
 # and timing-sensitive guests should not fight each other for them.
 TESTFLAGS ?= -p 1 -count=1 -timeout 20m
 
-.PHONY: all build run test race vet fmt bench clean
+.PHONY: all build images run test race vet fmt bench bench-boot clean
 
 all: build
 
 build:
 	$(GO) build $(GOFLAGS) -o $(BIN) ./cmd/gokvm-ft
 
+# The bundled guest: Linux 6.1 + u-root initramfs in images/out (cached
+# outside the repo, so a second run takes seconds).
+images:
+	$(MAKE) -C images
+
 # The main job: boot the bundled kernel + initramfs to a shell.
-run: build
+run: build images
 	./$(BIN)
 
-# The whole test suite, as CI runs it.
-test: vet
+# The whole test suite, as CI runs it (one test boots the bundled images).
+test: vet images
 	$(GO) test $(TESTFLAGS) ./...
 	$(GO) test $(TESTFLAGS) -race ./machine/... ./kvm/...
 
@@ -32,6 +37,10 @@ fmt:
 # Exit round trip of gokvm-ft against a minimal C VMM (see BENCHMARKS.md).
 bench:
 	$(GO) run ./cmd/exitbench
+
+# Start -> first userspace output, gokvm-ft vs QEMU on the same images.
+bench-boot: images
+	$(GO) run ./cmd/bootbench
 
 clean:
 	rm -rf bin

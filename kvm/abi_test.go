@@ -88,6 +88,7 @@ func TestABI(t *testing.T) {
 		"sizeof.kvm_dirty_log":               unsafe.Sizeof(dirtyLog{}),
 		"sizeof.kvm_translation":             unsafe.Sizeof(Translation{}),
 		"sizeof.kvm_interrupt":               unsafe.Sizeof(interrupt{}),
+		"sizeof.kvm_device_attr":             unsafe.Sizeof(deviceAttr{}),
 
 		"offsetof.kvm_run.request_interrupt_window":                 unsafe.Offsetof(run.RequestInterruptWindow),
 		"offsetof.kvm_run.immediate_exit":                           unsafe.Offsetof(run.ImmediateExit),
@@ -167,6 +168,9 @@ func TestABI(t *testing.T) {
 		"ioctl.KVM_SET_XSAVE":              ioSetXSAVE,
 		"ioctl.KVM_GET_XCRS":               ioGetXCRs,
 		"ioctl.KVM_SET_XCRS":               ioSetXCRs,
+		"ioctl.KVM_SET_DEVICE_ATTR":        ioSetDeviceAttr,
+		"ioctl.KVM_GET_DEVICE_ATTR":        ioGetDeviceAttr,
+		"ioctl.KVM_HAS_DEVICE_ATTR":        ioHasDeviceAttr,
 	}
 	for name, want := range facts {
 		got, ok := ours[name]

@@ -1,6 +1,9 @@
 package machine
 
-import "strings"
+import (
+	"fmt"
+	"strings"
+)
 
 // baseCmdline is what Linux must be told about this machine: the console
 // is the 16550A at 0x3f8; there is no local APIC or IO-APIC (the 8259A pair
@@ -20,9 +23,15 @@ const baseCmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nolapic noapi
 const labCmdline = "gokvm.lab=1 noxsave clearcpuid=cx16,popcnt,smep,smap,fsgsbase,pcid,invpcid,avx,avx2,rdrand,rdseed,rdpid,rdtscp,x2apic,tsc_deadline_timer"
 
 // KernelCmdline is the kernel command line for this machine on a host of
-// the given kind, followed by the user's extra arguments.
-func KernelCmdline(host HostKind, extra string) string {
+// the given kind, followed by the user's extra arguments. tscKHz, when not
+// 0, is the guest TSC frequency: Linux is told it (tsc_early_khz, and lpj
+// for HZ=100) instead of calibrating the TSC against the PIT, thousands of
+// port exits that on AMD (no CPUID frequency leaf) it cannot avoid.
+func KernelCmdline(host HostKind, tscKHz uint32, extra string) string {
 	parts := []string{baseCmdline}
+	if tscKHz != 0 {
+		parts = append(parts, fmt.Sprintf("tsc_early_khz=%d lpj=%d tsc=reliable", tscKHz, uint64(tscKHz)*10))
+	}
 	if host == HostLabPVM {
 		parts = append(parts, labCmdline)
 	}
@@ -30,4 +39,13 @@ func KernelCmdline(host HostKind, extra string) string {
 		parts = append(parts, extra)
 	}
 	return strings.Join(parts, " ")
+}
+
+// KernelCmdline is the command line for Linux on this machine.
+func (m *Machine) KernelCmdline(extra string) string {
+	khz, err := m.cpu.GetTSCKHz()
+	if err != nil {
+		khz = 0
+	}
+	return KernelCmdline(m.policy.Host, khz, extra)
 }

@@ -216,16 +216,24 @@ const (
 )
 
 // InitialMSRs are the MSR values of a freshly reset vCPU, set explicitly so
-// that nothing depends on KVM's defaults. The TSC starts at 0.
+// that nothing depends on KVM's defaults. The TSC starts at 0, except in
+// the lab: there guest user mode runs natively and its RDTSC reads the
+// host's TSC without KVM's offset, so the guest TSC must stay equal to the
+// host's (offset 0, see Machine) or the guest's vDSO clock, which mixes the
+// kernel's TSC reading with user mode's, goes wrong and Go programs in the
+// guest hang on their timers.
 func (p CPUPolicy) InitialMSRs() []kvm.MSR {
-	return []kvm.MSR{
-		{Index: MSRTSC, Data: 0},
+	msrs := []kvm.MSR{
 		{Index: MSRSysenterCS}, {Index: MSRSysenterESP}, {Index: MSRSysenterEIP},
 		{Index: MSRMiscEnable, Data: miscEnableFastStr},
 		{Index: MSRPAT, Data: patPowerOnDefault},
 		{Index: MSRSTAR}, {Index: MSRLSTAR}, {Index: MSRCSTAR}, {Index: MSRSyscallMask},
 		{Index: MSRKernelGSBase},
 	}
+	if p.Host != HostLabPVM {
+		msrs = append([]kvm.MSR{{Index: MSRTSC, Data: 0}}, msrs...)
+	}
+	return msrs
 }
 
 // SavedMSRs lists the MSRs that make up guest-visible vCPU state, in the

@@ -47,7 +47,11 @@ type Config struct {
 	// OnExit, if set, is called on the vCPU thread after every deterministic
 	// exit (PIO, MMIO, HLT, interrupt window) has been handled.
 	OnExit func(Exit)
-	Logger *slog.Logger
+	// OnHostExit, if set, is called on the vCPU thread with the guest RIP
+	// at every exit the guest did not cause (a kick or a host signal): a
+	// sampling profiler kicks the vCPU periodically and reads it here.
+	OnHostExit func(rip uint64)
+	Logger     *slog.Logger
 }
 
 // Exit describes one deterministic exit, for tracing and positions.
@@ -217,6 +221,12 @@ func (m *Machine) create() error {
 	if err := m.cpu.SetMSRs(m.policy.InitialMSRs()); err != nil {
 		return err
 	}
+	if m.policy.Host == HostLabPVM && m.cpu.HasTSCOffset() {
+		// Guest TSC = host TSC, as native user-mode RDTSC sees it.
+		if err := m.cpu.SetTSCOffset(0); err != nil {
+			return err
+		}
+	}
 	return m.createDevices()
 }
 
@@ -353,6 +363,10 @@ func (m *Machine) Close() error {
 	return errors.Join(errs...)
 }
 
+// Kick makes the vCPU leave the guest and come round its loop soon. Safe
+// from any goroutine, also after Close.
+func (m *Machine) Kick() { m.kick() }
+
 // kick makes the vCPU loop come round soon; safe from any goroutine.
 func (m *Machine) kick() {
 	m.kickMu.Lock()
@@ -419,6 +433,11 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		case kvm.ExitIntr:
 			// A kick or a host signal: not a guest event.
 			m.cpu.ClearImmediateExit()
+			if m.cfg.OnHostExit != nil {
+				if regs, err := m.cpu.GetRegs(); err == nil {
+					m.cfg.OnHostExit(regs.RIP)
+				}
+			}
 			continue
 		case kvm.ExitIO:
 			if err := m.handleIO(&ex); err != nil {

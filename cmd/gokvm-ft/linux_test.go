@@ -77,16 +77,24 @@ func TestLinuxShell(t *testing.T) {
 	go func() {
 		done <- run([]string{"-kernel", kernel, "-initrd", initrd, "-mem", "256M"}, pr, &console, &stderr)
 	}()
-	// u-root's init greets, then starts the gosh shell, whose prompt is "> ".
+	// u-root's init greets, then starts the gosh shell, whose prompt is "$ ".
 	pos := console.waitFor(t, "Welcome to u-root", 0, 15*time.Minute, done)
 	t.Logf("first userspace output after %v", time.Since(start).Round(time.Millisecond))
-	pos = console.waitFor(t, "> ", pos, 5*time.Minute, done)
+	pos = console.waitFor(t, "$ ", pos, 5*time.Minute, done)
 	t.Logf("shell prompt after %v", time.Since(start).Round(time.Millisecond))
 	if _, err := pw.Write([]byte("echo gokvm-$((6*7))\n")); err != nil {
 		t.Fatal(err)
 	}
 	pos = console.waitFor(t, "gokvm-42", pos+len("echo gokvm-$((6*7))"), 5*time.Minute, done)
-	t.Logf("command answered after %v", time.Since(start).Round(time.Millisecond))
+	t.Logf("builtin answered after %v", time.Since(start).Round(time.Millisecond))
+	pos = console.waitFor(t, "$ ", pos, 5*time.Minute, done)
+	// An external command: fork, exec, tty output.
+	if _, err := pw.Write([]byte("ls /bbin\n")); err != nil {
+		t.Fatal(err)
+	}
+	pos = console.waitFor(t, "gosh", pos, 5*time.Minute, done)
+	pos = console.waitFor(t, "$ ", pos, 5*time.Minute, done)
+	t.Logf("ls answered after %v", time.Since(start).Round(time.Millisecond))
 	if _, err := pw.Write([]byte("poweroff\n")); err != nil {
 		t.Fatal(err)
 	}

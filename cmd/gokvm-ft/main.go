@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -41,6 +42,7 @@ type options struct {
 	append   string
 	host     machine.HostKind
 	logLevel slog.Level
+	profile  string
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -74,6 +76,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	appendArgs := fs.String("append", "", "extra kernel command-line arguments")
 	host := fs.String("host", "auto", "host kind for CPU feature masks: auto, lab or bare-metal")
 	logLevel := fs.String("log", "info", "log level: debug, info, warn or error")
+	profile := fs.String("profile", "", "write a sampling profile of guest RIPs to this file at exit (kernel symbols from System.map beside -kernel)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
 		fs.PrintDefaults()
@@ -84,7 +87,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs}
+	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile}
 	var err error
 	if o.mem, err = parseSize(*mem); err != nil {
 		return nil, fmt.Errorf("-mem: %w", err)
@@ -115,7 +118,13 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
 		return exitError
 	}
-	m, err := machine.New(machine.Config{MemorySize: o.mem, Host: o.host, Console: stdout, Logger: log})
+	var prof *ripProfile
+	cfg := machine.Config{MemorySize: o.mem, Host: o.host, Console: stdout, Logger: log}
+	if o.profile != "" {
+		prof = newRIPProfile()
+		cfg.OnHostExit = prof.add
+	}
+	m, err := machine.New(cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
 		return exitError
@@ -130,8 +139,20 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer cancel()
 	restore := consoleInput(stdin, m.DeliverSerial, cancel)
+	stopKick := make(chan struct{})
+	if prof != nil {
+		go kicker(m.Kick, 200, stopKick)
+	}
 	stop, err := m.Run(ctx)
+	close(stopKick)
+	log.Debug("device state at stop", "pic", fmt.Sprintf("%+v", m.PIC.Save()), "uart", fmt.Sprintf("%+v", m.UART.Save()))
 	restore()
+	if prof != nil {
+		if f, ferr := os.Create(o.profile); ferr == nil {
+			prof.write(f, loadSystemMap(filepath.Join(filepath.Dir(o.kernel), "System.map")))
+			f.Close()
+		}
+	}
 	m.CloseInput()
 	if err != nil {
 		fmt.Fprintf(stderr, "\r\ngokvm-ft: %v\n", err)
@@ -202,7 +223,7 @@ func loadGuest(m *machine.Machine, o *options, log *slog.Logger) error {
 			return fmt.Errorf("-initrd: %w", err)
 		}
 	}
-	cmdline := machine.KernelCmdline(m.Policy().Host, o.append)
+	cmdline := m.KernelCmdline(o.append)
 	res, err := boot.Load(m.Memory(), boot.Config{KernelName: o.kernel, Kernel: kernel, InitrdName: o.initrd, Initrd: initrd, Cmdline: cmdline})
 	if err != nil {
 		return err

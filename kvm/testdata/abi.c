@@ -14,7 +14,7 @@ int main(void) {
 	S(kvm_msr_list); S(kvm_cpuid_entry2); S(kvm_cpuid2); S(kvm_vcpu_events);
 	S(kvm_debugregs); S(kvm_mp_state); S(kvm_guest_debug);
 	S(kvm_userspace_memory_region); S(kvm_dirty_log); S(kvm_translation);
-	S(kvm_interrupt);
+	S(kvm_interrupt); S(kvm_device_attr);
 	O(kvm_run, request_interrupt_window); O(kvm_run, immediate_exit);
 	O(kvm_run, exit_reason); O(kvm_run, ready_for_interrupt_injection);
 	O(kvm_run, if_flag); O(kvm_run, flags); O(kvm_run, cr8); O(kvm_run, apic_base);
@@ -41,5 +41,6 @@ int main(void) {
 	I(KVM_GET_VCPU_EVENTS); I(KVM_SET_VCPU_EVENTS); I(KVM_GET_DEBUGREGS);
 	I(KVM_SET_DEBUGREGS); I(KVM_SET_TSC_KHZ); I(KVM_GET_TSC_KHZ);
 	I(KVM_GET_XSAVE); I(KVM_SET_XSAVE); I(KVM_GET_XCRS); I(KVM_SET_XCRS);
+	I(KVM_SET_DEVICE_ATTR); I(KVM_GET_DEVICE_ATTR); I(KVM_HAS_DEVICE_ATTR);
 	return 0;
 }
