@@ -79,10 +79,15 @@ func run(rounds int, images, marker, mem, qemu, hostFlag string, timeout time.Du
 	if hasPVHNote(vmlinux) {
 		qemuKernel, boot = vmlinux, "PVH direct boot of vmlinux"
 	}
+	qemuCPU := "host"
+	if host == machine.HostLabPVM {
+		// The lab host refuses QEMU's write of IA32_ARCH_CAPABILITIES.
+		qemuCPU = "host,-arch-capabilities"
+	}
 	cs := []contender{
 		{"gokvm-ft", []string{bin, "-kernel", vmlinux, "-initrd", initrd, "-mem", mem, "-host", host.String()}},
 		{"qemu", []string{qemu, "-M", "microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=on,acpi=off",
-			"-enable-kvm", "-cpu", "host", "-smp", "1", "-m", mem, "-nodefaults", "-no-user-config",
+			"-enable-kvm", "-cpu", qemuCPU, "-smp", "1", "-m", mem, "-nodefaults", "-no-user-config",
 			"-nographic", "-no-reboot", "-serial", "stdio",
 			"-kernel", qemuKernel, "-initrd", initrd, "-append", cmdline}},
 	}
@@ -138,7 +143,9 @@ func bootOnce(args []string, marker string, timeout time.Duration) (time.Duratio
 		cmd.Wait()
 	}()
 	found := make(chan time.Duration, 1)
+	eof := make(chan struct{})
 	go func() {
+		defer close(eof)
 		r := bufio.NewReader(out)
 		var seen []byte
 		buf := make([]byte, 4096)
@@ -161,6 +168,13 @@ func bootOnce(args []string, marker string, timeout time.Duration) (time.Duratio
 	select {
 	case d := <-found:
 		return d, nil
+	case <-eof:
+		select {
+		case d := <-found:
+			return d, nil
+		default:
+		}
+		return 0, fmt.Errorf("exited before %q; stderr: %s", marker, stderr.String())
 	case <-ctx.Done():
 		return 0, fmt.Errorf("no %q within %v; stderr: %s", marker, timeout, stderr.String())
 	}
