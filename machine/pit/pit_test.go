@@ -2,8 +2,8 @@ package pit
 
 import (
 	"bytes"
-	"encoding/gob"
-	"encoding/json"
+	"github.com/gokvm-ft/gokvm-ft/internal/statetest"
+
 	"fmt"
 	"math/big"
 	"math/rand"
@@ -875,22 +875,7 @@ func TestSaveRestoreRoundTrip(t *testing.T) {
 		a.takeEdges()
 		s := a.Save()
 
-		var buf bytes.Buffer
-		if err := gob.NewEncoder(&buf).Encode(s); err != nil {
-			t.Fatal(err)
-		}
-		var sg State
-		if err := gob.NewDecoder(&buf).Decode(&sg); err != nil {
-			t.Fatal(err)
-		}
-		js, err := json.Marshal(sg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var sj State
-		if err := json.Unmarshal(js, &sj); err != nil {
-			t.Fatal(err)
-		}
+		sj := statetest.ThroughGobAndJSON(t, s)
 		if !reflect.DeepEqual(s, sj) {
 			t.Fatalf("seed %d: state changed through encoding", seed)
 		}
