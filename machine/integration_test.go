@@ -126,6 +126,16 @@ msg: .ascii "abc"
 	if got := g.read64(0x9000c) & 0xff; got != 0xff {
 		t.Errorf("unclaimed port read %#x, want 0xff", got)
 	}
+	st := g.m.Stats()
+	if n := st.PortExits(0x500, false); n != 3 {
+		t.Errorf("stats: %d exits for in 0x500, want 3", n)
+	}
+	if n := st.PortExits(0x2f8, false); n != 1 {
+		t.Errorf("stats: %d exits for in 0x2f8, want 1", n)
+	}
+	if st.ByReason[kvm.ExitIO] < 8 || st.InGuest <= 0 {
+		t.Errorf("stats: %d IO exits, %v in the guest", st.ByReason[kvm.ExitIO], st.InGuest)
+	}
 }
 
 // testMMIO is a 16-byte register file.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -137,9 +138,10 @@ type Machine struct {
 	kbc  *i8042
 	sysc *sysCtrl
 
-	cpuidHonoured bool // KVM_GET_CPUID2 returns what we set
+	cpuidOverridden []uint32 // CPUID leaves the host changed after KVM_SET_CPUID2
 
 	exits    uint64 // deterministic exits
+	stats    ExitStats
 	stop     *Stop
 	armed    time.Duration
 	hasArmed bool
@@ -165,7 +167,7 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.WallTime.IsZero() {
 		cfg.WallTime = time.Now().UTC().Truncate(time.Second)
 	}
-	m := &Machine{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, policy: CPUPolicy{Host: cfg.Host}, unknown: map[uint64]bool{}}
+	m := &Machine{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, policy: CPUPolicy{Host: cfg.Host}, unknown: map[uint64]bool{}, stats: newExitStats()}
 	m.inputs.init()
 	if err := m.create(); err != nil {
 		m.Close()
@@ -212,11 +214,13 @@ func (m *Machine) create() error {
 	if err := m.cpu.SetCPUID2(table); err != nil {
 		return err
 	}
-	if back, err := m.cpu.GetCPUID2(); err == nil {
-		m.cpuidHonoured = sameCPUID(table, back)
+	back, err := m.cpu.GetCPUID2()
+	if err != nil {
+		return err
 	}
-	if !m.cpuidHonoured {
-		m.log.Warn("the host ignores KVM_SET_CPUID2: the guest sees KVM's own CPUID table", "host", m.policy.Host)
+	if m.cpuidOverridden = overriddenLeaves(table, back); len(m.cpuidOverridden) > 0 {
+		m.log.Warn("the host overrides CPUID leaves after KVM_SET_CPUID2: the guest sees the host's bits there",
+			"leaves", fmt.Sprintf("%#x", m.cpuidOverridden), "host", m.policy.Host)
 	}
 	if err := m.cpu.SetMSRs(m.policy.InitialMSRs()); err != nil {
 		return err
@@ -307,29 +311,37 @@ func (m *Machine) VCPU() *kvm.VCPU { return m.cpu }
 // Clock is the machine's clock.
 func (m *Machine) Clock() Clock { return m.clock }
 
-// CPUIDHonoured reports whether KVM kept the CPUID table of the CPU policy.
-// The lab's PVM host does not: there the kernel command line masks features
-// (see KernelCmdline).
-func (m *Machine) CPUIDHonoured() bool { return m.cpuidHonoured }
+// CPUIDOverridden lists the CPUID leaves (functions) whose values KVM
+// changed from the CPU policy's table: on the lab host, leaves 1, 7 and 0xd
+// come from the host whatever we set. Empty where the policy holds.
+func (m *Machine) CPUIDOverridden() []uint32 { return m.cpuidOverridden }
 
-// sameCPUID compares two CPUID tables leaf by leaf, ignoring order and the
-// flags KVM may add.
-func sameCPUID(a, b []kvm.CPUIDEntry) bool {
-	if len(a) != len(b) {
-		return false
-	}
+// overriddenLeaves compares the table we set with what KVM reports back and
+// returns the functions that differ, were dropped or were added.
+func overriddenLeaves(set, got []kvm.CPUIDEntry) []uint32 {
 	type key struct{ fn, idx uint32 }
-	m := make(map[key]kvm.CPUIDEntry, len(a))
-	for _, e := range a {
-		m[key{e.Function, e.Index}] = e
+	want := make(map[key]kvm.CPUIDEntry, len(set))
+	for _, e := range set {
+		want[key{e.Function, e.Index}] = e
 	}
-	for _, e := range b {
-		w, ok := m[key{e.Function, e.Index}]
+	diff := map[uint32]bool{}
+	for _, e := range got {
+		k := key{e.Function, e.Index}
+		w, ok := want[k]
 		if !ok || w.EAX != e.EAX || w.EBX != e.EBX || w.ECX != e.ECX || w.EDX != e.EDX {
-			return false
+			diff[e.Function] = true
 		}
+		delete(want, k)
 	}
-	return true
+	for k := range want {
+		diff[k.fn] = true
+	}
+	out := make([]uint32, 0, len(diff))
+	for fn := range diff {
+		out = append(out, fn)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Policy is the CPU policy in force.
@@ -413,6 +425,9 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 	defer m.cpu.UnbindThread()
 	unwatch := context.AfterFunc(ctx, m.kick)
 	defer unwatch()
+	if m.stats.Started.IsZero() {
+		m.stats.Started = time.Now()
+	}
 	for {
 		if m.stop != nil {
 			return *m.stop, nil
@@ -425,13 +440,19 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		if err != nil {
 			return Stop{}, err
 		}
+		entered := time.Now()
 		if err := m.cpu.Run(); err != nil {
 			return Stop{}, err
+		}
+		m.stats.InGuest += time.Since(entered)
+		if vector >= 0 {
+			m.stats.Injections++
 		}
 		ex := Exit{Reason: m.cpu.ExitReason(), Vector: -1}
 		switch ex.Reason {
 		case kvm.ExitIntr:
 			// A kick or a host signal: not a guest event.
+			m.stats.HostExits++
 			m.cpu.ClearImmediateExit()
 			if m.cfg.OnHostExit != nil {
 				if regs, err := m.cpu.GetRegs(); err == nil {
@@ -449,7 +470,9 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			if !m.cpu.IFFlag() {
 				m.requestStop(Stop{Kind: StopHalted, Detail: "HLT with interrupts disabled"})
 			} else {
+				halted := time.Now()
 				m.waitForInterrupt(ctx)
+				m.stats.Halted += time.Since(halted)
 			}
 		case kvm.ExitIRQWindowOpen:
 			// Injection happens at the top of the loop.
@@ -480,6 +503,10 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			return Stop{}, m.exitError(ex.Reason, "unexpected exit")
 		}
 		m.exits++
+		m.stats.ByReason[ex.Reason]++
+		if ex.Reason == kvm.ExitIO || ex.Reason == kvm.ExitMMIO {
+			m.stats.ByAddr[statKey{ex.Reason == kvm.ExitMMIO, ex.Addr, ex.Write}]++
+		}
 		if m.cfg.OnExit != nil {
 			ex.Count = m.exits
 			if vector >= 0 {

@@ -2,6 +2,7 @@ package machine
 
 import (
 	"errors"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -317,5 +318,16 @@ func TestInputQueueBounded(t *testing.T) {
 	m.CloseInput()
 	if m.DeliverSerial(big) {
 		t.Error("DeliverSerial after CloseInput succeeded")
+	}
+}
+
+func TestOverriddenLeaves(t *testing.T) {
+	set := []kvm.CPUIDEntry{{Function: 0, EAX: 0xd}, {Function: 1, ECX: 0x80000000}, {Function: 7, Index: 0}, {Function: 0x80000000}}
+	got := []kvm.CPUIDEntry{{Function: 0, EAX: 0xd}, {Function: 1, ECX: 0xf6d81203}, {Function: 7, Index: 0}, {Function: 0xd, Index: 1}}
+	if d := overriddenLeaves(set, got); !slices.Equal(d, []uint32{1, 0xd, 0x80000000}) {
+		t.Errorf("overriddenLeaves = %#x, want [0x1 0xd 0x80000000] (changed, added, dropped)", d)
+	}
+	if d := overriddenLeaves(set, set); len(d) != 0 {
+		t.Errorf("identical tables: %#x", d)
 	}
 }

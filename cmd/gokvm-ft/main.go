@@ -43,6 +43,7 @@ type options struct {
 	host     machine.HostKind
 	logLevel slog.Level
 	profile  string
+	stats    bool
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -76,6 +77,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	appendArgs := fs.String("append", "", "extra kernel command-line arguments")
 	host := fs.String("host", "auto", "host kind for CPU feature masks: auto, lab or bare-metal")
 	logLevel := fs.String("log", "info", "log level: debug, info, warn or error")
+	stats := fs.Bool("stats", false, "print exit statistics (exits by reason and port, time in the guest) at exit")
 	profile := fs.String("profile", "", "write a sampling profile of guest RIPs to this file at exit (kernel symbols from System.map beside -kernel)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
@@ -87,7 +89,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile}
+	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile, stats: *stats}
 	var err error
 	if o.mem, err = parseSize(*mem); err != nil {
 		return nil, fmt.Errorf("-mem: %w", err)
@@ -147,6 +149,9 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	close(stopKick)
 	log.Debug("device state at stop", "pic", fmt.Sprintf("%+v", m.PIC.Save()), "uart", fmt.Sprintf("%+v", m.UART.Save()))
 	restore()
+	if o.stats {
+		m.Stats().Write(stderr)
+	}
 	if prof != nil {
 		if f, ferr := os.Create(o.profile); ferr == nil {
 			prof.write(f, loadSystemMap(filepath.Join(filepath.Dir(o.kernel), "System.map")))
