@@ -50,5 +50,8 @@ func (m *Machine) KernelCmdline(extra string) string {
 	if err != nil {
 		khz = 0
 	}
+	if v := m.VirtioCmdline(); v != "" {
+		extra = v + " " + extra
+	}
 	return KernelCmdline(m.policy.Host, khz, extra)
 }

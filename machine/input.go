@@ -12,8 +12,11 @@ type inputQueue struct {
 	mu     sync.Mutex
 	space  *sync.Cond
 	serial []byte
-	closed bool
-	wake   chan struct{} // nudges a halted vCPU loop
+	// devices is device input (InputPort.Send) in arrival order; spare
+	// is the previous batch's backing array, reused.
+	devices, spare []deviceInput
+	closed         bool
+	wake           chan struct{} // nudges a halted vCPU loop
 }
 
 func (q *inputQueue) init() {
@@ -54,17 +57,20 @@ func (m *Machine) DeliverSerial(b []byte) bool {
 	return true
 }
 
-// CloseInput wakes and refuses producers blocked in DeliverSerial.
+// CloseInput wakes and refuses producers blocked in DeliverSerial, makes
+// InputPort.Send refuse, and drops device input not yet delivered.
 func (m *Machine) CloseInput() {
 	q := &m.inputs
 	q.mu.Lock()
 	q.closed = true
+	q.releaseDeviceInputs()
 	q.space.Broadcast()
 	q.mu.Unlock()
 }
 
 // drainInputs moves queued input into devices, as much as they accept.
 func (m *Machine) drainInputs() {
+	m.drainDeviceInputs()
 	q := &m.inputs
 	q.mu.Lock()
 	defer q.mu.Unlock()

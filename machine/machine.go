@@ -147,7 +147,10 @@ type Machine struct {
 	hasArmed bool
 	unknown  map[uint64]bool // unclaimed ports/addresses already logged
 
-	inputs inputQueue
+	inputs     inputQueue
+	inputPorts []*InputPort
+	gate       OutputGate
+	virtio     []*VirtioSlot
 
 	kickMu sync.Mutex
 	closed bool
@@ -167,7 +170,7 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.WallTime.IsZero() {
 		cfg.WallTime = time.Now().UTC().Truncate(time.Second)
 	}
-	m := &Machine{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, policy: CPUPolicy{Host: cfg.Host}, unknown: map[uint64]bool{}, stats: newExitStats()}
+	m := &Machine{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, policy: CPUPolicy{Host: cfg.Host}, unknown: map[uint64]bool{}, stats: newExitStats(), gate: SendNow}
 	m.inputs.init()
 	if err := m.create(); err != nil {
 		m.Close()

@@ -44,6 +44,9 @@ type options struct {
 	logLevel slog.Level
 	profile  string
 	stats    bool
+	disk     string
+	diskRO   bool
+	net      *netSpec
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -77,6 +80,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	appendArgs := fs.String("append", "", "extra kernel command-line arguments")
 	host := fs.String("host", "auto", "host kind for CPU feature masks: auto, lab or bare-metal")
 	logLevel := fs.String("log", "info", "log level: debug, info, warn or error")
+	disk := fs.String("disk", "", "raw disk image for a virtio-blk disk (the guest's /dev/vda)")
+	diskRO := fs.Bool("disk-ro", false, "make the -disk read-only")
+	netFlag := fs.String("net", "", "virtio-net on a Linux tap device: tap=NAME[,mac=52:54:00:12:34:56]")
 	stats := fs.Bool("stats", false, "print exit statistics (exits by reason and port, time in the guest) at exit")
 	profile := fs.String("profile", "", "write a sampling profile of guest RIPs to this file at exit (kernel symbols from System.map beside -kernel)")
 	fs.Usage = func() {
@@ -89,8 +95,16 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile, stats: *stats}
+	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile, stats: *stats, disk: *disk, diskRO: *diskRO}
 	var err error
+	if o.diskRO && o.disk == "" {
+		return nil, fmt.Errorf("-disk-ro needs -disk")
+	}
+	if *netFlag != "" {
+		if o.net, err = parseNet(*netFlag); err != nil {
+			return nil, fmt.Errorf("-net: %w", err)
+		}
+	}
 	if o.mem, err = parseSize(*mem); err != nil {
 		return nil, fmt.Errorf("-mem: %w", err)
 	}
@@ -133,6 +147,12 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	}
 	defer m.Close()
 	log.Debug("machine ready", "mem", o.mem, "host", o.host)
+	closeDevices, err := attachDevices(m, o, log)
+	defer closeDevices()
+	if err != nil {
+		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
+		return exitError
+	}
 	if err := loadGuest(m, o, log); err != nil {
 		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
 		return exitError

@@ -23,13 +23,20 @@ func TestParseSize(t *testing.T) {
 
 func TestFlagsNameTheBadOne(t *testing.T) {
 	for args, want := range map[string]string{
-		"-mem 12X":     "-mem",
-		"-mem 4097":    "-mem",
-		"-mem 8G":      "-mem",
-		"-host vmware": "-host",
-		"-log loud":    "-log",
-		"-bogus":       "bogus",
-		"stray":        "stray",
+		"-mem 12X":                          "-mem",
+		"-mem 4097":                         "-mem",
+		"-mem 8G":                           "-mem",
+		"-host vmware":                      "-host",
+		"-log loud":                         "-log",
+		"-bogus":                            "bogus",
+		"-disk-ro":                          "-disk-ro",
+		"-net tap":                          "-net",
+		"-net mac=52:54:00:00:00:01":        "-net",
+		"-net tap=t0,mac=01:00:00:00:00:01": "-net",
+		"-net tap=t0,mac=zz":                "-net",
+		"-net tap=t0,speed=10":              "-net",
+		"-net tap=averyveryverylongname":    "-net",
+		"stray":                             "stray",
 	} {
 		var stderr bytes.Buffer
 		if code := run(strings.Fields(args), nil, &bytes.Buffer{}, &stderr); code != exitUsage {
@@ -86,5 +93,24 @@ func TestStopStatus(t *testing.T) {
 		if got := stopStatus(c.stop, &stderr); got != c.want || !strings.Contains(stderr.String(), c.msg) {
 			t.Errorf("%v: status %d %q, want %d %q", c.stop, got, stderr.String(), c.want, c.msg)
 		}
+	}
+}
+
+func TestParseNet(t *testing.T) {
+	n, err := parseNet("tap=gk0,mac=52:54:00:12:34:56")
+	if err != nil || n.tap != "gk0" || n.mac.String() != "52:54:00:12:34:56" {
+		t.Fatalf("parseNet = %+v, %v", n, err)
+	}
+	n, err = parseNet("tap=gk1")
+	if err != nil || n.tap != "gk1" || len(n.mac) != 6 || n.mac[0]&1 != 0 || n.mac[0]&2 == 0 {
+		t.Fatalf("random MAC: %+v, %v (want unicast, locally administered)", n, err)
+	}
+}
+
+func TestBadDisk(t *testing.T) {
+	var stderr bytes.Buffer
+	code := run([]string{"-kernel", "/bin/true", "-initrd", "", "-disk", "/nonexistent/disk.img"}, nil, &bytes.Buffer{}, &stderr)
+	if code != exitError || !strings.Contains(stderr.String(), "/nonexistent/disk.img") {
+		t.Errorf("exit %d, %q", code, stderr.String())
 	}
 }
