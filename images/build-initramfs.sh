@@ -6,8 +6,12 @@
 # The u-root version and every dependency are pinned by images/uroot/go.mod
 # and go.sum (module mode, -mod=readonly, GOTOOLCHAIN=local, GOWORK=off, so
 # neither the environment's GOFLAGS nor a go.work can change the inputs).
+# Besides u-root's core commands it builds our guest programs from
+# uroot/cmds/ (gokvm-uinit, run by init as /bin/uinit before the shell, and
+# gokvm-counter) into the same busybox; see README.md.
 # Cache: $CACHE/uroot/<key>/initramfs.cpio, key = sha256 of go.mod, go.sum,
-# tools.go, this script and `go version`.
+# tools.go, the non-test Go files under uroot/cmds (names and contents),
+# this script and `go version`.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,7 +24,9 @@ GOROOT=$(go env GOROOT)
 export GOROOT
 key=$( {
 	go version
-	cd "$here" && sha256sum uroot/go.mod uroot/go.sum uroot/tools.go build-initramfs.sh
+	cd "$here"
+	sha256sum uroot/go.mod uroot/go.sum uroot/tools.go build-initramfs.sh
+	find uroot/cmds -type f -name '*.go' ! -name '*_test.go' | LC_ALL=C sort | xargs -r sha256sum
 } | sha256sum | cut -c1-16)
 dir=$cache/uroot/$key
 mkdir -p "$out"
@@ -36,17 +42,22 @@ if [ ! -f "$dir/initramfs.cpio" ]; then
 	mkdir -p "$dir.tmp/tmp"
 	cd "$here/uroot"
 	go build -trimpath -o "$dir.tmp/u-root" github.com/u-root/u-root
-	# No -uinitcmd: /init (u-root init) finds no /bin/uinit and starts the
-	# default shell (gosh) on the console. -go-build-tags=goshsmall: gosh's
+	# /init (u-root init) runs /bin/uinit -> gokvm-uinit (network and
+	# counter service from the kernel command line; returns within seconds),
+	# then the default shell (gosh) on the console. Our commands come from
+	# this module (gokvm-ft/images/uroot), so the same go.mod pins their
+	# dependencies. -go-build-tags=goshsmall: gosh's
 	# plain line reader instead of its full-screen bubbletea editor, which
 	# on the lab host (guest kernel emulated) hung at random after Enter
 	# while shutting its renderer down (see README.md).
 	GOOS=linux GOARCH=amd64 "$dir.tmp/u-root" \
 		-go-build-tags=goshsmall \
 		-o "$dir.tmp/initramfs.cpio" -format cpio -build bb \
-		-initcmd init -defaultsh gosh \
+		-initcmd init -defaultsh gosh -uinitcmd gokvm-uinit \
 		-tmp-dir "$dir.tmp/tmp" \
-		github.com/u-root/u-root/cmds/core/...
+		github.com/u-root/u-root/cmds/core/... \
+		gokvm-ft/images/uroot/cmds/gokvm-uinit \
+		gokvm-ft/images/uroot/cmds/gokvm-counter
 	rm -rf "$dir.tmp/tmp"
 	rm -rf "$dir"
 	mv "$dir.tmp" "$dir"

@@ -1,0 +1,126 @@
+// gokvm-uinit is the gokvm-ft guest's setup step: u-root's init runs it as
+// /bin/uinit before the shell, which starts when it exits.
+//
+// It reads the kernel command line (/proc/cmdline):
+//
+//	gokvm.ip=ADDR/PREFIX[,GATEWAY]  e.g. gokvm.ip=10.0.2.15/24,10.0.2.2
+//	gokvm.counter=PORT|off          default 7777 when gokvm.ip is given
+//
+// With gokvm.ip it waits up to 5 s for eth0, brings lo and eth0 up, adds
+// the address and, with a gateway, the default route, and prints one line
+// saying what it configured (or why it did not). With a counter port it
+// starts gokvm-counter in the background (its own session, so it outlives
+// the shell) and prints the port once it listens. Without either parameter
+// it does nothing and prints nothing. It always exits 0 and returns within
+// a few seconds, so the shell always starts. It first gives up the console
+// as its controlling terminal, so that its exit does not hang the console
+// up under the shell (see releaseTTY).
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+const (
+	linkWait    = 5 * time.Second  // how long to wait for eth0 to appear
+	counterWait = 15 * time.Second // how long to wait for the counter to listen (lab: ~4 s)
+)
+
+func main() {
+	releaseTTY()
+	defer func() {
+		if p := recover(); p != nil {
+			fmt.Fprintf(os.Stderr, "gokvm: setup failed: %v\n", p)
+		}
+	}()
+	b, err := os.ReadFile("/proc/cmdline")
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "gokvm: reading the kernel command line: %v\n", err)
+		return
+	}
+	run(Parse(string(b)), os.Stdout)
+}
+
+func run(c Config, out io.Writer) {
+	switch {
+	case c.NetErr != nil:
+		fmt.Fprintf(out, "gokvm: bad gokvm.ip=%q: %v (want ADDR/PREFIX[,GATEWAY]); network not configured\n", c.IPParam, c.NetErr)
+	case c.Net != nil:
+		if err := configure(c.Net, linkWait); err != nil {
+			fmt.Fprintf(out, "gokvm: network not configured: %v\n", err)
+		} else {
+			fmt.Fprintf(out, "gokvm: network configured: %v\n", c.Net)
+		}
+	}
+	switch {
+	case c.CounterErr != nil:
+		fmt.Fprintf(out, "gokvm: bad gokvm.counter: %v; counter service not started\n", c.CounterErr)
+	case c.Counter != 0:
+		if _, err := startCounter(c.Counter, counterWait); err != nil {
+			fmt.Fprintf(out, "gokvm: counter service not started: %v\n", err)
+		} else {
+			fmt.Fprintf(out, "gokvm: counter service listening on tcp port %d\n", c.Counter)
+		}
+	}
+}
+
+// startCounter starts gokvm-counter on port in its own session (no
+// controlling terminal: no SIGHUP when this session ends), does not wait
+// for it, and returns once it reports that it listens (on fd 3), or with
+// its error. It returns the counter's process ID.
+func startCounter(port int, wait time.Duration) (pid int, err error) {
+	bin, err := exec.LookPath("gokvm-counter")
+	if err != nil {
+		// Beside this program: /bbin/gokvm-counter in a busybox build.
+		self, serr := os.Executable()
+		if serr != nil {
+			return 0, err
+		}
+		bin = filepath.Join(filepath.Dir(self), "gokvm-counter")
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return 0, err
+	}
+	defer r.Close()
+	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		w.Close()
+		return 0, err
+	}
+	defer null.Close()
+	cmd := exec.Command(bin, "-port", strconv.Itoa(port), "-ready-fd", "3")
+	cmd.Stdin, cmd.Stdout = null, null
+	cmd.Stderr = os.Stderr // the console: its later errors
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	err = cmd.Start()
+	w.Close()
+	if err != nil {
+		return 0, err
+	}
+	// Not waited for: it is init's child once this process exits.
+	pid = cmd.Process.Pid
+	defer cmd.Process.Release()
+	r.SetReadDeadline(time.Now().Add(wait))
+	line, err := bufio.NewReader(r).ReadString('\n')
+	switch {
+	case line == "ok\n":
+		return pid, nil
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return pid, fmt.Errorf("%s: not listening after %v", bin, wait)
+	case line != "":
+		return pid, fmt.Errorf("%s", line[:len(line)-1])
+	default:
+		return pid, fmt.Errorf("%s exited (see above)", bin)
+	}
+}
