@@ -2,7 +2,6 @@ package main
 
 import (
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -86,5 +85,3 @@ func attachDevices(m *machine.Machine, o *options, log *slog.Logger) (func(), er
 	}
 	return cleanup, nil
 }
-
-var errNoNet = errors.New("virtio-net is not built yet")
