@@ -3,6 +3,7 @@ package machine
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -28,7 +29,7 @@ type Clock interface {
 // HostClock is guest time driven by the host's monotonic clock.
 type HostClock struct {
 	start  time.Time
-	offset time.Duration
+	offset atomic.Int64 // guest time at start, in ns
 
 	mu    sync.Mutex
 	timer *time.Timer
@@ -37,11 +38,17 @@ type HostClock struct {
 // NewHostClock starts a clock at guest time offset (0 for a new machine,
 // the saved time for a restored one).
 func NewHostClock(offset time.Duration) *HostClock {
-	return &HostClock{start: time.Now(), offset: offset}
+	c := &HostClock{start: time.Now()}
+	c.offset.Store(int64(offset))
+	return c
 }
 
 // Now returns the guest time.
-func (c *HostClock) Now() time.Duration { return c.offset + time.Since(c.start) }
+func (c *HostClock) Now() time.Duration { return time.Duration(c.offset.Load()) + time.Since(c.start) }
+
+// Set makes guest time t now; it continues from there. A restore uses it
+// before the machine runs (guest time must not jump back while it runs).
+func (c *HostClock) Set(t time.Duration) { c.offset.Store(int64(t - time.Since(c.start))) }
 
 // SleepUntil sleeps on a host timer.
 func (c *HostClock) SleepUntil(ctx context.Context, t time.Duration, wake <-chan struct{}) {

@@ -139,6 +139,8 @@ type Machine struct {
 	sysc *sysCtrl
 
 	cpuidOverridden []uint32 // CPUID leaves the host changed after KVM_SET_CPUID2
+	cpuidDigest     string   // of the table the vCPU has (State.CPUID)
+	restoreFailed   bool     // a Restore failed part-way: never run
 
 	exits    uint64 // deterministic exits
 	stats    ExitStats
@@ -154,6 +156,14 @@ type Machine struct {
 
 	kickMu sync.Mutex
 	closed bool
+
+	// Requests to run on the vCPU thread (Do), and the dirty-set owner.
+	runMu     sync.Mutex // held by Run for its whole length
+	reqMu     sync.Mutex
+	running   bool
+	reqs      []request
+	dirtySets []*DirtySet
+	dirtyLog  bool // KVM's dirty log is on for RAM
 }
 
 // New creates the VM, its memory, vCPU and legacy devices.
@@ -202,6 +212,7 @@ func (m *Machine) create() error {
 	var flags uint32
 	if m.cfg.DirtyLog {
 		flags |= kvm.MemLogDirtyPages
+		m.dirtyLog = true
 	}
 	if err := m.vm.SetUserMemoryRegion(kvm.UserMemoryRegion{Slot: 0, Flags: flags, MemorySize: m.mem.Size(), UserspaceAddr: kvm.HostAddr(m.mem.host())}); err != nil {
 		return err
@@ -221,6 +232,7 @@ func (m *Machine) create() error {
 	if err != nil {
 		return err
 	}
+	m.cpuidDigest = cpuidDigest(back)
 	if m.cpuidOverridden = overriddenLeaves(table, back); len(m.cpuidOverridden) > 0 {
 		m.log.Warn("the host overrides CPUID leaves after KVM_SET_CPUID2: the guest sees the host's bits there",
 			"leaves", fmt.Sprintf("%#x", m.cpuidOverridden), "host", m.policy.Host)
@@ -399,25 +411,6 @@ func (m *Machine) requestStop(s Stop) {
 
 func (m *Machine) requestReset(why string) { m.requestStop(Stop{Kind: StopReset, Detail: why}) }
 
-// DirtyPages ORs into bitmap every page written since the last call, by
-// the guest (KVM's dirty log, when Config.DirtyLog is on) or by the VMM.
-// bitmap needs Memory().BitmapWords() words.
-func (m *Machine) DirtyPages(bitmap []uint64) error {
-	if len(bitmap) < m.mem.BitmapWords() {
-		return fmt.Errorf("dirty bitmap of %d words, need %d", len(bitmap), m.mem.BitmapWords())
-	}
-	if m.cfg.DirtyLog {
-		k := make([]uint64, len(bitmap))
-		if err := m.vm.GetDirtyLog(0, k); err != nil {
-			return err
-		}
-		for i := range k {
-			bitmap[i] |= k[i]
-		}
-	}
-	m.mem.TakeVMMDirty(bitmap)
-	return nil
-}
 
 // Run runs the guest until it stops, the context ends or an error occurs.
 // It must not be called concurrently with itself or with state accessors.
@@ -426,6 +419,13 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 	defer runtime.UnlockOSThread()
 	m.cpu.BindThread()
 	defer m.cpu.UnbindThread()
+	if m.restoreFailed {
+		return Stop{}, ErrRestoreFailed
+	}
+	m.runMu.Lock()
+	defer m.runMu.Unlock()
+	m.setRunning(true)
+	defer m.setRunning(false)
 	unwatch := context.AfterFunc(ctx, m.kick)
 	defer unwatch()
 	if m.stats.Started.IsZero() {
@@ -532,6 +532,7 @@ func (m *Machine) exitError(r kvm.ExitReason, detail string) error {
 // devices. It runs on the vCPU thread between exits: the only place where the
 // outside world enters the machine.
 func (m *Machine) service() {
+	m.runRequests()
 	next, ok := m.PIT.Advance(m.clock.Now())
 	if ok && (!m.hasArmed || next != m.armed) {
 		m.armed, m.hasArmed = next, true

@@ -113,8 +113,26 @@ func (m *Machine) RestoreVCPU(s *VCPUState) error {
 	} else if err := c.SetFPU(s.FPU); err != nil {
 		return err
 	}
-	if err := c.SetMSRs(s.MSRs); err != nil {
+	msrs := s.MSRs
+	if m.policy.Host == HostLabPVM {
+		// Guest user mode reads the host TSC natively here, so the guest
+		// TSC stays the host's (offset 0) rather than the saved value:
+		// to the guest the time between save and restore passed as if
+		// it had been paused.
+		msrs = nil
+		for _, r := range s.MSRs {
+			if r.Index != MSRTSC {
+				msrs = append(msrs, r)
+			}
+		}
+	}
+	if err := c.SetMSRs(msrs); err != nil {
 		return err
+	}
+	if m.policy.Host == HostLabPVM && c.HasTSCOffset() {
+		if err := c.SetTSCOffset(0); err != nil {
+			return err
+		}
 	}
 	ev := s.Events
 	ev.Flags |= kvm.VCPUEventValidNMIPending | kvm.VCPUEventValidShadow

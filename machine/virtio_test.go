@@ -180,6 +180,8 @@ user:
 		desc{hdrOut, 16, 1, 1}, desc{data, 512, 1, 2}, desc{statOut, 1, 2, 0},
 		desc{hdrIn, 16, 1, 4}, desc{dataIn, 512, 3, 5}, desc{statIn, 1, 2, 0})
 	writeAvailRing(t, g.m, 0, 3)
+	dirty, err := g.m.NewDirtySet()
+	must(err)
 
 	g.wantExit(10*time.Second, 0xf) // ACK|DRIVER|FEATURES_OK|DRIVER_OK, not broken
 	onDisk, err := os.ReadFile(path)
@@ -212,8 +214,8 @@ user:
 	}
 	// The device's writes (read data, status bytes, used ring) went through
 	// the memory accessor: they are in the machine's dirty set.
-	bitmap := make([]uint64, mem.BitmapWords())
-	must(g.m.DirtyPages(bitmap))
+	bitmap, err := dirty.Take()
+	must(err)
 	for _, a := range []uint64{dataIn, statIn, vqUsed} {
 		if p := a / machine.PageSize; bitmap[p/64]&(1<<(p%64)) == 0 {
 			t.Errorf("page %#x written by the device is not dirty", a)
