@@ -411,7 +411,6 @@ func (m *Machine) requestStop(s Stop) {
 
 func (m *Machine) requestReset(why string) { m.requestStop(Stop{Kind: StopReset, Detail: why}) }
 
-
 // Run runs the guest until it stops, the context ends or an error occurs.
 // It must not be called concurrently with itself or with state accessors.
 func (m *Machine) Run(ctx context.Context) (Stop, error) {
