@@ -77,9 +77,10 @@ const (
 	StopTripleFault                 // KVM_EXIT_SHUTDOWN: a triple fault
 	StopPowerOff                    // the guest powered off
 	StopHalted                      // HLT with interrupts disabled: nothing can wake it
+	StopMoved                       // the guest moved to another VMM (Runner)
 )
 
-var stopNames = [...]string{"canceled", "test exit", "reset", "triple fault", "power off", "halted"}
+var stopNames = [...]string{"canceled", "test exit", "reset", "triple fault", "power off", "halted", "moved"}
 
 func (k StopKind) String() string {
 	if int(k) < len(stopNames) {

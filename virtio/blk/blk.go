@@ -353,9 +353,15 @@ func (b *Blk) RestoreState(state []byte) error {
 		return fmt.Errorf("blk: state is for a disk of %d sectors, %s has %d", s.Capacity, b.name, b.capacity)
 	case s.ReadOnly != b.readOnly:
 		return fmt.Errorf("blk: state is for a disk with read-only %v, %s has %v", s.ReadOnly, b.name, b.readOnly)
-	case string(s.Serial) != string(b.serial[:]):
-		return fmt.Errorf("blk: state is for a disk with serial %q, %s has %q", s.Serial, b.name, b.serial[:])
+	case len(s.Serial) != IDBytes:
+		return fmt.Errorf("blk: state has a serial of %d bytes, want %d", len(s.Serial), IDBytes)
 	}
 	b.Reset()
+	// The serial is guest-visible: the guest keeps the one it saw, even
+	// when its image now lives in a file of another name (a copy in a
+	// snapshot, the destination of a live transfer). Which image is the
+	// right one is for the caller to check (package migrate compares
+	// contents).
+	copy(b.serial[:], s.Serial)
 	return nil
 }

@@ -3,6 +3,7 @@ package blk_test
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -357,7 +358,7 @@ func TestSaveRestore(t *testing.T) {
 		name     string
 		size     int
 		readOnly bool
-	}{{"disk.img", 2 * sectors * 512, false}, {"disk.img", sectors * 512, true}, {"other.img", sectors * 512, false}} {
+	}{{"disk.img", 2 * sectors * 512, false}, {"disk.img", sectors * 512, true}} {
 		p := filepath.Join(t.TempDir(), c.name)
 		os.WriteFile(p, make([]byte, c.size), 0o600)
 		b3, err := blk.New(p, c.readOnly)
@@ -371,5 +372,21 @@ func TestSaveRestore(t *testing.T) {
 			t.Log(err)
 		}
 		b3.Close()
+	}
+	// The same disk under another file name (a copy): accepted, and the
+	// guest keeps the serial it saw.
+	p := filepath.Join(t.TempDir(), "copy-of-disk.img")
+	os.WriteFile(p, make([]byte, sectors*512), 0o600)
+	b4, err := blk.New(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b4.Close()
+	if err := virtio.NewMMIO(b4, virtiotest.NewMemory(memSize), nil).Restore(s); err != nil {
+		t.Fatalf("restore onto a copy: %v", err)
+	}
+	var st blk.State
+	if err := json.Unmarshal(b4.SaveState(), &st); err != nil || !strings.HasPrefix(string(st.Serial), "disk.img\x00") {
+		t.Errorf("serial after restore %q, %v; want the saved disk.img", st.Serial, err)
 	}
 }

@@ -1,0 +1,399 @@
+package migrate
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"time"
+
+	"github.com/gokvm-ft/gokvm-ft/machine"
+	"github.com/gokvm-ft/gokvm-ft/snapshot"
+)
+
+// SendOptions tune and connect a live transfer's source side.
+type SendOptions struct {
+	// Disks are the machine's disk images. The destination must use the
+	// same images (shared, or copies with equal contents): their SHA-256
+	// is compared once the guest is stopped.
+	Disks []DiskSource
+	// Pause stops the guest at a consistent point, runs f there and
+	// resumes the guest unless f returns stop (the guest moved).
+	Pause func(f func() (stop bool, err error)) error
+	// Release gives up the host resources the destination takes over (the
+	// tap) once the destination holds the guest, before it starts it.
+	Release func() error
+	// Progress, if set, is told about each round.
+	Progress func(Progress)
+	// MaxRounds bounds the pre-copy rounds after the first full copy
+	// (default 30); StopPages ends pre-copy once a round finds at most
+	// this many dirty pages (default 256: 1 MiB).
+	MaxRounds int
+	StopPages int
+	// Timeout bounds each wait for the destination (default 2 minutes).
+	Timeout time.Duration
+}
+
+// Progress is the state of a live transfer after a round.
+type Progress struct {
+	Round int    // 0: the full copy; then pre-copy rounds; Final: stop-and-copy
+	Pages int    // pages sent in this round
+	Bytes int64  // stream bytes sent so far
+	Dirty int    // pages dirtied while the round was sent (still to send)
+	Final bool   // the guest is stopped
+	Took  time.Duration
+}
+
+func (p Progress) String() string {
+	what := fmt.Sprintf("round %d", p.Round)
+	if p.Final {
+		what = "stop-and-copy"
+	}
+	return fmt.Sprintf("%s: %d pages in %v, %.1f MiB sent in all, %d pages dirty (about %.1f MiB to go)",
+		what, p.Pages, p.Took.Round(time.Millisecond), float64(p.Bytes)/(1<<20), p.Dirty, float64(p.Dirty)*machine.PageSize/(1<<20))
+}
+
+// Result sums up a finished live transfer.
+type Result struct {
+	Rounds     int
+	Bytes      int64
+	FinalPages int
+	// Downtime is how long the guest was stopped on the source, from the
+	// pause to the release (the destination starts right after).
+	Downtime time.Duration
+	Total    time.Duration
+}
+
+// reply is the destination's answer after the stream, and the source's
+// after it released its resources.
+type reply struct {
+	Ready    bool   `json:",omitempty"`
+	Released bool   `json:",omitempty"`
+	Error    string `json:",omitempty"`
+}
+
+func count(bm []uint64) int {
+	n := 0
+	for _, w := range bm {
+		n += bits.OnesCount64(w)
+	}
+	return n
+}
+
+type deadliner interface{ SetDeadline(time.Time) error }
+
+// Send moves the running machine m to the destination at the other end of
+// conn. It copies memory while the guest runs, round after round, until
+// little is left, then stops the guest (o.Pause), sends the rest, the
+// machine state and the disks' identities, and waits for the destination.
+// If the destination refuses or fails, the guest resumes here and Send
+// returns the error; on success the guest has stopped here for good.
+func Send(conn io.ReadWriter, m *machine.Machine, o SendOptions) (Result, error) {
+	if o.MaxRounds == 0 {
+		o.MaxRounds = 30
+	}
+	if o.StopPages == 0 {
+		o.StopPages = 256
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 2 * time.Minute
+	}
+	if o.Progress == nil {
+		o.Progress = func(Progress) {}
+	}
+	start := time.Now()
+	var res Result
+	res, err := send(conn, m, o, start)
+	if err != nil && !errors.Is(err, errMoved) {
+		err = explain(conn, err)
+	}
+	return res, err
+}
+
+// errMoved marks errors after the destination took the guest.
+var errMoved = errors.New("the guest left this VMM but the hand-over failed")
+
+// explain replaces a write error with the destination's refusal, when it
+// sent one before closing the connection.
+func explain(conn io.ReadWriter, err error) error {
+	if r, rerr := readReply(conn, bufio.NewReader(conn), time.Second); rerr == nil && r.Error != "" {
+		return fmt.Errorf("the destination refused the guest: %s", r.Error)
+	}
+	return err
+}
+
+func send(conn io.ReadWriter, m *machine.Machine, o SendOptions, start time.Time) (Result, error) {
+	var res Result
+	ds, err := m.NewDirtySet()
+	if err != nil {
+		return res, err
+	}
+	defer ds.Close()
+	bw := bufio.NewWriterSize(conn, 1<<20)
+	br := bufio.NewReader(conn)
+	enc, err := snapshot.NewEncoder(bw, m.Memory().Size())
+	if err != nil {
+		return res, err
+	}
+	if err := enc.WriteSection(sectionManifest, marshal(ManifestOf(m))); err != nil {
+		return res, err
+	}
+	mem := m.Memory()
+	t := time.Now()
+	if err := enc.WriteMemory(mem); err != nil {
+		return res, err
+	}
+	if err := enc.Flush(); err != nil {
+		return res, err
+	}
+	dirty, err := ds.Take()
+	if err != nil {
+		return res, err
+	}
+	o.Progress(Progress{Round: 0, Pages: int(mem.Size() / machine.PageSize), Bytes: enc.Written(), Dirty: count(dirty), Took: time.Since(t)})
+	for res.Rounds = 1; res.Rounds <= o.MaxRounds && count(dirty) > o.StopPages; res.Rounds++ {
+		t := time.Now()
+		if err := enc.WritePages(mem, dirty); err != nil {
+			return res, err
+		}
+		if err := enc.Flush(); err != nil {
+			return res, err
+		}
+		sent := count(dirty)
+		if dirty, err = ds.Take(); err != nil {
+			return res, err
+		}
+		o.Progress(Progress{Round: res.Rounds, Pages: sent, Bytes: enc.Written(), Dirty: count(dirty), Took: time.Since(t)})
+	}
+
+	// Stop-and-copy.
+	moved := false
+	perr := o.Pause(func() (bool, error) {
+		stopped := time.Now()
+		st, err := m.Save()
+		if err != nil {
+			return false, err
+		}
+		last, err := ds.Take()
+		if err != nil {
+			return false, err
+		}
+		for i := range last {
+			last[i] |= dirty[i]
+		}
+		res.FinalPages = count(last)
+		if err := enc.WritePages(mem, last); err != nil {
+			return false, err
+		}
+		var disks []Disk
+		for _, d := range o.Disks {
+			size, sum, err := hashFile(d.Path)
+			if err != nil {
+				return false, fmt.Errorf("disk %s: %w", d.Name, err)
+			}
+			disks = append(disks, Disk{Name: d.Name, Size: size, SHA256: sum, ReadOnly: d.ReadOnly})
+		}
+		for _, s := range []struct {
+			name string
+			v    any
+		}{{sectionDisks, disks}, {sectionState, st}} {
+			if err := enc.WriteSection(s.name, marshal(s.v)); err != nil {
+				return false, err
+			}
+		}
+		if err := enc.WriteEnd(); err != nil {
+			return false, err
+		}
+		o.Progress(Progress{Round: res.Rounds, Pages: res.FinalPages, Bytes: enc.Written(), Final: true, Took: time.Since(stopped)})
+		r, err := readReply(conn, br, o.Timeout)
+		if err != nil {
+			return false, fmt.Errorf("waiting for the destination: %w", err)
+		}
+		if !r.Ready {
+			return false, fmt.Errorf("the destination refused the guest: %s", r.Error)
+		}
+		// From here the destination holds the guest: it must not run here.
+		moved = true
+		if o.Release != nil {
+			if err := o.Release(); err != nil {
+				return true, fmt.Errorf("releasing host resources: %w", err)
+			}
+		}
+		if err := writeReply(bw, reply{Released: true}); err != nil {
+			return true, fmt.Errorf("telling the destination to start: %w", err)
+		}
+		res.Downtime = time.Since(stopped)
+		return true, nil
+	})
+	res.Bytes = enc.Written()
+	res.Total = time.Since(start)
+	if perr != nil && moved {
+		return res, fmt.Errorf("%w: %w", errMoved, perr)
+	}
+	return res, perr
+}
+
+func readReply(conn io.ReadWriter, br *bufio.Reader, timeout time.Duration) (reply, error) {
+	if d, ok := conn.(deadliner); ok {
+		d.SetDeadline(time.Now().Add(timeout))
+		defer d.SetDeadline(time.Time{})
+	}
+	line, err := br.ReadBytes('\n')
+	if err != nil {
+		return reply{}, err
+	}
+	var r reply
+	if err := json.Unmarshal(line, &r); err != nil {
+		return reply{}, fmt.Errorf("bad reply %q: %w", line, err)
+	}
+	return r, nil
+}
+
+func writeReply(bw *bufio.Writer, r reply) error {
+	b := marshal(r)
+	bw.Write(append(b, '\n'))
+	return bw.Flush()
+}
+
+// ReceiveOptions connect a live transfer's destination side.
+type ReceiveOptions struct {
+	// Build makes the machine the manifest describes (memory size and
+	// virtio devices in order), not yet running.
+	Build func(Manifest) (*machine.Machine, error)
+	// DiskPath returns the image this side uses for the disk of the given
+	// virtio device name; its contents must equal the source's.
+	DiskPath func(name string) string
+	Progress func(Progress)
+	Timeout  time.Duration
+}
+
+// Receive takes a guest from the source at the other end of conn. It
+// returns the restored machine once the source has let go of it; the
+// caller then takes over the host resources (the tap) and runs it. On
+// error the source keeps (or resumes) the guest; a machine that was built
+// is closed.
+func Receive(conn io.ReadWriter, o ReceiveOptions) (m *machine.Machine, res Result, err error) {
+	if o.Timeout == 0 {
+		o.Timeout = 2 * time.Minute
+	}
+	if o.Progress == nil {
+		o.Progress = func(Progress) {}
+	}
+	start := time.Now()
+	br := bufio.NewReaderSize(conn, 1<<20)
+	bw := bufio.NewWriter(conn)
+	defer func() {
+		if err != nil && m != nil {
+			m.Close()
+			m = nil
+		}
+	}()
+	refuse := func(e error) (*machine.Machine, Result, error) {
+		writeReply(bw, reply{Error: e.Error()})
+		return m, res, e
+	}
+	dec, err := snapshot.NewDecoder(br)
+	if err != nil {
+		return nil, res, err
+	}
+	rec, err := dec.Next()
+	if err != nil {
+		return nil, res, err
+	}
+	if rec.Kind != snapshot.SectionRecord || rec.Name != sectionManifest {
+		return refuse(fmt.Errorf("the stream starts with %v %q, not the manifest", rec.Kind, rec.Name))
+	}
+	var mf Manifest
+	if err := unmarshal(rec.Name, rec.Data, &mf); err != nil {
+		return refuse(err)
+	}
+	if mf.MemorySize != dec.MemorySize() {
+		return refuse(fmt.Errorf("manifest says %d bytes of memory, the stream %d", mf.MemorySize, dec.MemorySize()))
+	}
+	if m, err = o.Build(mf); err != nil {
+		return refuse(err)
+	}
+	if err := mf.Check(m); err != nil {
+		return refuse(err)
+	}
+	mem, err := m.Memory().MutableSlice(0, m.Memory().Size())
+	if err != nil {
+		return refuse(err)
+	}
+	if err := dec.SetMemory(mem); err != nil {
+		return refuse(err)
+	}
+	var st *machine.State
+	round := 0
+	for done := false; !done; {
+		t := time.Now()
+		rec, err := dec.Next()
+		if err != nil {
+			return m, res, err // a broken stream: the source resumes on its own
+		}
+		switch rec.Kind {
+		case snapshot.PagesRecord:
+			o.Progress(Progress{Round: round, Pages: int(rec.DataPages + rec.ZeroPages), Bytes: dec.Offset(), Took: time.Since(t)})
+			round++
+		case snapshot.SectionRecord:
+			switch rec.Name {
+			case sectionDisks:
+				var disks []Disk
+				if err := unmarshal(rec.Name, rec.Data, &disks); err != nil {
+					return refuse(err)
+				}
+				if err := checkDisks(disks, o.DiskPath); err != nil {
+					return refuse(err)
+				}
+			case sectionState:
+				st = &machine.State{}
+				if err := unmarshal(rec.Name, rec.Data, st); err != nil {
+					return refuse(err)
+				}
+			}
+		case snapshot.EndRecord:
+			done = true
+		}
+	}
+	if st == nil {
+		return refuse(errors.New("the stream carried no machine state"))
+	}
+	if err := m.Restore(st); err != nil {
+		return refuse(err)
+	}
+	if err := writeReply(bw, reply{Ready: true}); err != nil {
+		return m, res, err
+	}
+	r, err := readReply(conn, br, o.Timeout)
+	if err != nil {
+		return m, res, fmt.Errorf("waiting for the source to let go: %w", err)
+	}
+	if !r.Released {
+		return m, res, fmt.Errorf("the source did not let go: %s", r.Error)
+	}
+	res.Rounds, res.Bytes, res.Total = round, dec.Offset(), time.Since(start)
+	return m, res, nil
+}
+
+// checkDisks compares the source's disks with this side's images.
+func checkDisks(disks []Disk, path func(string) string) error {
+	for _, d := range disks {
+		p := ""
+		if path != nil {
+			p = path(d.Name)
+		}
+		if p == "" {
+			return fmt.Errorf("disk %s: this side has no image for it", d.Name)
+		}
+		size, sum, err := hashFile(p)
+		if err != nil {
+			return fmt.Errorf("disk %s: %w", d.Name, err)
+		}
+		if size != d.Size || sum != d.SHA256 {
+			return fmt.Errorf("disk %s: %s: %w (source %d bytes, SHA-256 %.16s; here %d bytes, %.16s)", d.Name, p, ErrDiskMismatch, d.Size, d.SHA256, size, sum)
+		}
+	}
+	return nil
+}
