@@ -38,11 +38,11 @@ type SendOptions struct {
 
 // Progress is the state of a live transfer after a round.
 type Progress struct {
-	Round int    // 0: the full copy; then pre-copy rounds; Final: stop-and-copy
-	Pages int    // pages sent in this round
-	Bytes int64  // stream bytes sent so far
-	Dirty int    // pages dirtied while the round was sent (still to send)
-	Final bool   // the guest is stopped
+	Round int   // 0: the full copy; then pre-copy rounds; Final: stop-and-copy
+	Pages int   // pages sent in this round
+	Bytes int64 // stream bytes sent so far
+	Dirty int   // pages dirtied while the round was sent (still to send)
+	Final bool  // the guest is stopped
 	Took  time.Duration
 }
 
