@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/gokvm-ft/gokvm-ft/machine"
+	"github.com/gokvm-ft/gokvm-ft/migrate"
 	"github.com/gokvm-ft/gokvm-ft/virtio/blk"
 )
 
@@ -56,32 +57,70 @@ func parseNet(s string) (*netSpec, error) {
 	return n, nil
 }
 
+// devices are the machine's virtio devices and their host resources.
+type devices struct {
+	disks   []migrate.DiskSource
+	net     *netDev
+	closers []func() error
+}
+
 // attachDevices adds the virtio devices the flags ask for, disk first (so
-// it is vda), and returns what to close at the end.
-func attachDevices(m *machine.Machine, o *options, log *slog.Logger) (func(), error) {
-	var closers []func() error
-	cleanup := func() {
-		for i := len(closers) - 1; i >= 0; i-- {
-			closers[i]()
-		}
+// it is vda). diskPath replaces -disk's path when not empty (a restored
+// snapshot's copy). With deferTap the tap is opened only by startNet (the
+// destination of a live transfer takes it once the source let go).
+func attachDevices(m *machine.Machine, o *options, diskPath string, deferTap bool, log *slog.Logger) (*devices, error) {
+	d := &devices{}
+	if diskPath == "" {
+		diskPath = o.disk
 	}
-	if o.disk != "" {
-		d, err := blk.New(o.disk, o.diskRO)
+	if diskPath != "" {
+		b, err := blk.New(diskPath, o.diskRO)
 		if err != nil {
-			return cleanup, fmt.Errorf("-disk: %w", err)
+			return d, fmt.Errorf("-disk: %w", err)
 		}
-		d.SetLogger(log.With("disk", o.disk))
-		closers = append(closers, d.Close)
-		if _, err := m.AddVirtio("disk", d); err != nil {
-			return cleanup, err
+		b.SetLogger(log.With("disk", diskPath))
+		d.closers = append(d.closers, b.Close)
+		if _, err := m.AddVirtio("disk", b); err != nil {
+			return d, err
 		}
+		d.disks = append(d.disks, migrate.DiskSource{Name: "disk", Path: diskPath, ReadOnly: o.diskRO})
 	}
 	if o.net != nil {
-		closeNet, err := attachNet(m, o.net, log)
+		n, err := attachNet(m, o.net, log)
 		if err != nil {
-			return cleanup, fmt.Errorf("-net: %w", err)
+			return d, fmt.Errorf("-net: %w", err)
 		}
-		closers = append(closers, closeNet)
+		d.net = n
+		d.closers = append(d.closers, n.close)
+		if !deferTap {
+			if err := n.start(); err != nil {
+				return d, fmt.Errorf("-net: %w", err)
+			}
+		}
 	}
-	return cleanup, nil
+	return d, nil
+}
+
+// startNet opens the tap if it is not open yet and starts reading it.
+func (d *devices) startNet() error {
+	if d.net == nil {
+		return nil
+	}
+	return d.net.start()
+}
+
+// releaseNet closes the tap, for another VMM to take it.
+func (d *devices) releaseNet() error {
+	if d.net == nil {
+		return nil
+	}
+	return d.net.close()
+}
+
+// close releases every host resource.
+func (d *devices) close() {
+	for i := len(d.closers) - 1; i >= 0; i-- {
+		d.closers[i]()
+	}
+	d.closers = nil
 }

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -312,4 +313,109 @@ func TestLinuxNetAndDisk(t *testing.T) {
 	pos = v.waitFor(t, "$ ", pos, 5*time.Minute)
 	pos = v.shell(t, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && cat /mnt/f", "hello-from-boot-1", pos)
 	v.powerOff(t, pos)
+}
+
+// TestLinuxLiveTransfer moves a running Linux guest between two gokvm-ft
+// processes on this host while a client in the guest's network talks to
+// its counter service over one TCP connection: the source releases the
+// tap, the destination takes it, and the connection goes on with no reset
+// and no counter value lost or repeated.
+func TestLinuxLiveTransfer(t *testing.T) {
+	kernel, initrd := linuxImages(t)
+	need(t, "ip")
+	ns := newNetns(t)
+	ns.ip(t, "link", "set", "lo", "up")
+	ns.ip(t, "tuntap", "add", "dev", "gk0", "mode", "tap")
+	ns.ip(t, "addr", "add", "10.0.2.2/24", "dev", "gk0")
+	ns.ip(t, "link", "set", "gk0", "up")
+	disk := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(disk, bytes.Repeat([]byte("shared disk\n"), 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(disk, 1<<20)
+	ctl := filepath.Join(t.TempDir(), "a.sock")
+	netFlag := "tap=gk0,mac=52:54:00:12:34:57"
+	a := startVMM(t, ns, "-kernel", kernel, "-initrd", initrd, "-mem", "256M", "-disk", disk, "-net", netFlag,
+		"-control", ctl, "-append", "gokvm.ip=10.0.2.15/24,10.0.2.2")
+	pos := a.waitFor(t, "gokvm: counter service listening", 0, 15*time.Minute)
+	a.waitFor(t, "$ ", pos, 5*time.Minute)
+	t.Logf("source guest up after %v", time.Since(a.start).Round(time.Millisecond))
+
+	c, err := ns.dial("10.0.2.15:7777", time.Minute)
+	if err != nil {
+		t.Fatalf("TCP to the counter: %v", err)
+	}
+	defer c.Close()
+	type result struct {
+		n   int
+		err error
+	}
+	stopClient := make(chan struct{})
+	clientDone := make(chan result, 1)
+	var replies atomic.Int64
+	go func() {
+		r := bufio.NewReader(c)
+		last := 0
+		for {
+			select {
+			case <-stopClient:
+				clientDone <- result{last, nil}
+				return
+			default:
+			}
+			c.SetDeadline(time.Now().Add(2 * time.Minute))
+			if _, err := fmt.Fprintf(c, "next\n"); err != nil {
+				clientDone <- result{last, err}
+				return
+			}
+			line, err := r.ReadString('\n')
+			if err != nil {
+				clientDone <- result{last, err}
+				return
+			}
+			var v int
+			if _, err := fmt.Sscan(line, &v); err != nil || v != last+1 {
+				clientDone <- result{last, fmt.Errorf("reply %q after %d: a gap or a repeat", line, last)}
+				return
+			}
+			last = v
+			replies.Store(int64(v))
+		}
+	}()
+	time.Sleep(2 * time.Second)
+
+	b := startVMM(t, ns, "-incoming", "127.0.0.1:7900", "-disk", disk, "-net", netFlag, "-log", "debug")
+	time.Sleep(time.Second) // B listening
+	self, _ := os.Executable()
+	mig := exec.Command(self)
+	mig.Env = append(os.Environ(), "GOKVM_FT_RUN="+strings.Join([]string{"migrate", "-control", ctl, "127.0.0.1:7900"}, "\x1f"))
+	out, err := mig.CombinedOutput()
+	t.Logf("migrate:\n%s", out)
+	if err != nil {
+		t.Fatalf("migrate: %v; source stderr %s; destination stderr %s", err, a.stderr.String(), b.stderr.String())
+	}
+	select {
+	case code := <-a.done:
+		if code != 0 {
+			t.Fatalf("source exit %d: %s", code, a.stderr.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the source did not exit after the transfer")
+	}
+	before := replies.Load()
+	time.Sleep(3 * time.Second) // the client keeps talking to the guest on B
+	if replies.Load() == before {
+		t.Errorf("no counter reply in 3 s after the transfer (%d before)", before)
+	}
+	close(stopClient)
+	res := <-clientDone
+	if res.err != nil {
+		t.Fatalf("client: %v after %d replies; destination stderr %s", res.err, res.n, b.stderr.String())
+	}
+	t.Logf("the client got %d consecutive replies across the transfer", res.n)
+	if _, err := io.WriteString(b.stdin, "echo moved-$((2*21))\n"); err != nil {
+		t.Fatal(err)
+	}
+	bpos := b.waitFor(t, "moved-42", 0, 2*time.Minute)
+	b.powerOff(t, bpos)
 }

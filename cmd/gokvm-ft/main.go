@@ -47,6 +47,9 @@ type options struct {
 	disk     string
 	diskRO   bool
 	net      *netSpec
+	control  string // control socket path
+	restore  string // snapshot directory to start from
+	incoming string // address to receive a live transfer on
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -83,10 +86,13 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	disk := fs.String("disk", "", "raw disk image for a virtio-blk disk (the guest's /dev/vda)")
 	diskRO := fs.Bool("disk-ro", false, "make the -disk read-only")
 	netFlag := fs.String("net", "", "virtio-net on a Linux tap device: tap=NAME[,mac=52:54:00:12:34:56]")
+	control := fs.String("control", "", "serve a control socket at this path (gokvm-ft snapshot/migrate talk to it)")
+	restoreDir := fs.String("restore", "", "start from the snapshot in this directory instead of booting (disk: the snapshot's copy, or -disk PATH, copied there if it does not exist)")
+	incoming := fs.String("incoming", "", "wait on this TCP address (host:port) for a live transfer, then run the guest")
 	stats := fs.Bool("stats", false, "print exit statistics (exits by reason and port, time in the guest) at exit")
 	profile := fs.String("profile", "", "write a sampling profile of guest RIPs to this file at exit (kernel symbols from System.map beside -kernel)")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
+		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n       gokvm-ft snapshot -control PATH DIR\n       gokvm-ft migrate -control PATH HOST:PORT\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -95,8 +101,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile, stats: *stats, disk: *disk, diskRO: *diskRO}
+	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile, stats: *stats, disk: *disk, diskRO: *diskRO,
+		control: *control, restore: *restoreDir, incoming: *incoming}
 	var err error
+	if o.restore != "" && o.incoming != "" {
+		return nil, fmt.Errorf("-restore and -incoming exclude each other")
+	}
 	if o.diskRO && o.disk == "" {
 		return nil, fmt.Errorf("-disk-ro needs -disk")
 	}
@@ -121,6 +131,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 }
 
 func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
+	if len(args) > 0 && (args[0] == "snapshot" || args[0] == "migrate") {
+		return runClient(args, stdout, stderr)
+	}
 	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return exitOK
@@ -130,9 +143,11 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
-	if err := checkImages(o); err != nil {
-		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
-		return exitError
+	if o.restore == "" && o.incoming == "" {
+		if err := checkImages(o); err != nil {
+			fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
+			return exitError
+		}
 	}
 	var prof *ripProfile
 	cfg := machine.Config{MemorySize: o.mem, Host: o.host, Console: stdout, Logger: log}
@@ -140,22 +155,34 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		prof = newRIPProfile()
 		cfg.OnHostExit = prof.add
 	}
-	m, err := machine.New(cfg)
+	var m *machine.Machine
+	var devs *devices
+	switch {
+	case o.restore != "":
+		m, devs, err = restoreMachine(o, cfg, log)
+	case o.incoming != "":
+		m, devs, err = receiveMachine(o, cfg, log, stderr)
+	default:
+		m, devs, err = bootMachine(o, cfg, log)
+	}
+	if devs != nil {
+		defer devs.close()
+	}
+	if m != nil {
+		defer m.Close()
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
 		return exitError
 	}
-	defer m.Close()
-	log.Debug("machine ready", "mem", o.mem, "host", o.host)
-	closeDevices, err := attachDevices(m, o, log)
-	defer closeDevices()
-	if err != nil {
-		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
-		return exitError
-	}
-	if err := loadGuest(m, o, log); err != nil {
-		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
-		return exitError
+	runner := &machine.Runner{M: m}
+	if o.control != "" {
+		ctl, err := serveControl(o.control, runner, devs, log)
+		if err != nil {
+			fmt.Fprintf(stderr, "gokvm-ft: -control: %v\n", err)
+			return exitError
+		}
+		defer ctl.Close()
 	}
 
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -165,7 +192,7 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if prof != nil {
 		go kicker(m.Kick, 200, stopKick)
 	}
-	stop, err := m.Run(ctx)
+	stop, err := runner.Run(ctx)
 	close(stopKick)
 	log.Debug("device state at stop", "pic", fmt.Sprintf("%+v", m.PIC.Save()), "uart", fmt.Sprintf("%+v", m.UART.Save()))
 	restore()
@@ -190,6 +217,9 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 func stopStatus(stop machine.Stop, stderr io.Writer) int {
 	switch stop.Kind {
 	case machine.StopPowerOff, machine.StopHalted, machine.StopCanceled:
+		return exitOK
+	case machine.StopMoved:
+		fmt.Fprintf(stderr, "\r\ngokvm-ft: the guest moved to another VMM\n")
 		return exitOK
 	case machine.StopTestExit:
 		return int(min(stop.Code, 125))

@@ -2,7 +2,9 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
+	"sync"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 
@@ -11,44 +13,90 @@ import (
 	vnet "github.com/gokvm-ft/gokvm-ft/virtio/net"
 )
 
-// attachNet connects a virtio-net device to a tap: frames the tap reads
+// netDev is a virtio-net device and the tap behind it. Frames the tap reads
 // enter the machine through an input port (delivered on the vCPU thread);
 // frames the guest sends leave through an output port, and so through the
-// machine's output gate, to the tap.
-func attachNet(m *machine.Machine, n *netSpec, log *slog.Logger) (func() error, error) {
-	t, err := tap.Open(n.tap)
+// machine's output gate, to the tap. The tap can be opened after the device
+// exists and closed before the machine ends (live transfer).
+type netDev struct {
+	spec *netSpec
+	log  *slog.Logger
+	dev  *vnet.Net
+	in   *machine.InputPort
+
+	mu      sync.Mutex
+	tap     *tap.Tap
+	stopped chan error
+	closed  bool
+}
+
+func attachNet(m *machine.Machine, n *netSpec, log *slog.Logger) (*netDev, error) {
+	nd := &netDev{spec: n, log: log.With("tap", n.tap)}
+	out := m.NewOutputPort("net", nd.write)
+	dev, err := vnet.New(n.mac, out.Emit)
 	if err != nil {
 		return nil, err
+	}
+	nd.dev = dev
+	nd.in = m.NewInputPort("net", dev.Deliver)
+	if _, err := m.AddVirtio("net", dev); err != nil {
+		return nil, err
+	}
+	return nd, nil
+}
+
+// write sends a guest frame to the tap; with no tap open it is dropped.
+func (nd *netDev) write(pkt buffer.Buffer) {
+	nd.mu.Lock()
+	t := nd.tap
+	nd.mu.Unlock()
+	if t == nil {
+		pkt.Release()
+		return
+	}
+	if err := t.Write(pkt); err != nil {
+		nd.log.Warn("tap write", "err", err)
+	}
+}
+
+// start opens the tap and starts its reader, once.
+func (nd *netDev) start() error {
+	nd.mu.Lock()
+	defer nd.mu.Unlock()
+	if nd.tap != nil {
+		return nil
+	}
+	if nd.closed {
+		return errors.New("the tap was released")
+	}
+	t, err := tap.Open(nd.spec.tap)
+	if err != nil {
+		return err
 	}
 	if err := t.SetUp(); err != nil {
 		t.Close()
-		return nil, err
-	}
-	out := m.NewOutputPort("net", func(pkt buffer.Buffer) {
-		if err := t.Write(pkt); err != nil {
-			log.Warn("tap write", "tap", n.tap, "err", err)
-		}
-	})
-	dev, err := vnet.New(n.mac, out.Emit)
-	if err != nil {
-		t.Close()
-		return nil, err
-	}
-	in := m.NewInputPort("net", dev.Deliver)
-	if _, err := m.AddVirtio("net", dev); err != nil {
-		t.Close()
-		return nil, err
-	}
-	stopped := make(chan error, 1)
-	go func() { stopped <- t.ReadLoop(in.Send) }()
-	log.Debug("virtio-net on tap", "tap", n.tap, "mac", n.mac)
-	return func() error {
-		err := t.Close()
-		if rerr := <-stopped; rerr != nil {
-			err = errors.Join(err, rerr)
-		}
-		s := dev.Stats()
-		log.Debug("virtio-net stats", "stats", s, "tap", t.Stats(), "input dropped", in.Dropped())
 		return err
-	}, nil
+	}
+	nd.tap = t
+	nd.stopped = make(chan error, 1)
+	go func() { nd.stopped <- t.ReadLoop(nd.in.Send) }()
+	nd.log.Debug("virtio-net on tap", "mac", nd.spec.mac)
+	return nil
+}
+
+// close closes the tap and waits for its reader; later frames are dropped.
+func (nd *netDev) close() error {
+	nd.mu.Lock()
+	defer nd.mu.Unlock()
+	nd.closed = true
+	if nd.tap == nil {
+		return nil
+	}
+	err := nd.tap.Close()
+	if rerr := <-nd.stopped; rerr != nil {
+		err = errors.Join(err, rerr)
+	}
+	nd.log.Debug("virtio-net stats", "stats", fmt.Sprintf("%+v", nd.dev.Stats()), "tap", fmt.Sprintf("%+v", nd.tap.Stats()), "input dropped", nd.in.Dropped())
+	nd.tap = nil
+	return err
 }
