@@ -419,3 +419,60 @@ func TestLinuxLiveTransfer(t *testing.T) {
 	bpos := b.waitFor(t, "moved-42", 0, 2*time.Minute)
 	b.powerOff(t, bpos)
 }
+
+// TestLinuxSnapshotRestore snapshots a booted Linux guest through the
+// control socket (the guest goes on running), then starts it again from
+// the snapshot in a new process: the shell answers at once, and the disk
+// comes back as it was at the snapshot.
+func TestLinuxSnapshotRestore(t *testing.T) {
+	kernel, initrd := linuxImages(t)
+	tmp := t.TempDir()
+	disk := filepath.Join(tmp, "disk.img")
+	if err := os.WriteFile(disk, bytes.Repeat([]byte("at-snapshot\n"), 1<<16/12+1)[:1<<16], 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctl := filepath.Join(tmp, "vm.sock")
+	a := startVMM(t, nil, "-kernel", kernel, "-initrd", initrd, "-mem", "256M", "-disk", disk, "-control", ctl)
+	pos := a.waitFor(t, "Welcome to u-root", 0, 15*time.Minute)
+	pos = a.waitFor(t, "$ ", pos, 5*time.Minute)
+	booted := time.Since(a.start)
+	t.Logf("booted to the shell in %v", booted.Round(time.Millisecond))
+
+	dir := filepath.Join(tmp, "snap")
+	self, _ := os.Executable()
+	snap := exec.Command(self)
+	snap.Env = append(os.Environ(), "GOKVM_FT_RUN="+strings.Join([]string{"snapshot", "-control", ctl, dir}, "\x1f"))
+	out, err := snap.CombinedOutput()
+	t.Logf("snapshot: %s", out)
+	if err != nil {
+		t.Fatalf("snapshot: %v; stderr %s", err, a.stderr.String())
+	}
+	if st, err := os.Stat(filepath.Join(dir, "snapshot.gkft")); err == nil {
+		t.Logf("snapshot file: %.1f MiB", float64(st.Size())/(1<<20))
+	}
+	// The source goes on, and changes its disk after the snapshot.
+	pos = a.shell(t, "echo after-snapshot > /dev/vda && sync && echo SRC-$((3*3))", "SRC-9", pos)
+	a.powerOff(t, pos)
+
+	// The source's image changed: restoring onto it is refused...
+	r := startVMM(t, nil, "-restore", dir, "-disk", disk)
+	select {
+	case code := <-r.done:
+		if code == 0 || !strings.Contains(r.stderr.String(), "differs") {
+			t.Fatalf("restore onto the changed image: exit %d, %s", code, r.stderr.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("restore onto the changed image did not fail")
+	}
+	// ...and a fresh copy of the snapshot's image is made on request.
+	fresh := filepath.Join(tmp, "fresh.img")
+	b := startVMM(t, nil, "-restore", dir, "-disk", fresh)
+	if _, err := io.WriteString(b.stdin, "echo restored-$((40+2))\n"); err != nil {
+		t.Fatal(err)
+	}
+	bpos := b.waitFor(t, "restored-42", 0, 5*time.Minute)
+	restored := time.Since(b.start)
+	t.Logf("restored shell answered in %v (boot to the shell: %v)", restored.Round(time.Millisecond), booted.Round(time.Millisecond))
+	bpos = b.shell(t, "head -c 11 /dev/vda; echo", "at-snapshot", bpos)
+	b.powerOff(t, bpos)
+}
