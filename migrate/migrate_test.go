@@ -1,10 +1,14 @@
 package migrate_test
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -71,60 +75,216 @@ func TestMain(m *testing.M) {
 		os.Stderr.WriteString("assemble: " + err.Error() + "\n")
 		os.Exit(1)
 	}
+	if mode := os.Getenv("MIGRATE_TEST_CHILD"); mode != "" {
+		if err := child(mode); err != nil {
+			fmt.Fprintln(os.Stderr, "child:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
 
-// newMachine makes a 4 MiB machine with the sweep device, and the guest
+// child is the other process of the two-process tests: "restore:DIR"
+// restores a snapshot and finishes the guest; "receive" listens on a port
+// it prints, takes a live transfer and finishes the guest.
+func child(mode string) error {
+	switch {
+	case strings.HasPrefix(mode, "restore:"):
+		snap, err := migrate.Open(strings.TrimPrefix(mode, "restore:"))
+		if err != nil {
+			return err
+		}
+		defer snap.Close()
+		m, cleanup, err := buildMachine(false, "")
+		if err != nil {
+			return err
+		}
+		defer cleanup()
+		if err := snap.Load(m); err != nil {
+			return err
+		}
+		return finishErr(m)
+	case mode == "receive":
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		fmt.Println(ln.Addr().String())
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		var cleanup func()
+		m, _, err := migrate.Receive(c, migrate.ReceiveOptions{Build: func(migrate.Manifest) (*machine.Machine, error) {
+			m, cl, err := buildMachine(false, "")
+			cleanup = cl
+			return m, err
+		}})
+		if cleanup != nil {
+			defer cleanup()
+		}
+		if err != nil {
+			return err
+		}
+		return finishErr(m)
+	}
+	return fmt.Errorf("unknown mode %q", mode)
+}
+
+// startChild runs this test binary as the other process.
+func startChild(t *testing.T, mode string) (*exec.Cmd, *bufio.Reader, *bytes.Buffer) {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), "MIGRATE_TEST_CHILD="+mode)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd, bufio.NewReader(out), &stderr
+}
+
+// TestSnapshotNewProcess: a guest snapshotted at an "in" exit mid-run is
+// restored by another process, which finishes it with nothing lost.
+func TestSnapshotNewProcess(t *testing.T) {
+	src := newMachine(t, true, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ins := 0
+	src.SetOnExit(func(ex machine.Exit) {
+		if ex.Addr == 0x510 && !ex.Write {
+			if ins++; ins == 1000 {
+				cancel() // stop right at the 1000th "in", before it completes
+			}
+		}
+	})
+	if stop, err := src.Run(ctx); err != nil || stop.Kind != machine.StopCanceled {
+		t.Fatalf("run: %v, %v", stop, err)
+	}
+	dir := filepath.Join(t.TempDir(), "snap")
+	if err := migrate.Save(dir, src, nil); err != nil {
+		t.Fatal(err)
+	}
+	cmd, _, stderr := startChild(t, "restore:"+dir)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("the restoring process: %v: %s", err, stderr)
+	}
+}
+
+// TestLiveTransferNewProcess: the fast-writing guest moves live to another
+// process, which finishes it with nothing lost.
+func TestLiveTransferNewProcess(t *testing.T) {
+	src := newMachine(t, true, "")
+	runFor(t, src, 5)
+	runner, srcDone := startRunner(t, src)
+	cmd, out, stderr := startChild(t, "receive")
+	addr, err := out.ReadString('\n')
+	if err != nil {
+		t.Fatalf("the receiving process: %v: %s", err, stderr)
+	}
+	c, err := net.Dial("tcp", strings.TrimSpace(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	res, err := migrate.Send(c, src, migrate.SendOptions{Pause: runner.Pause, MaxRounds: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stop := <-srcDone; stop.Kind != machine.StopMoved {
+		t.Fatalf("source stop %v", stop)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("the receiving process: %v: %s", err, stderr)
+	}
+	t.Logf("busy guest (4 MiB, 258 pages dirtied per sweep): %.1f MiB in %d rounds, downtime %v (%d pages at the end)",
+		float64(res.Bytes)/(1<<20), res.Rounds, res.Downtime, res.FinalPages)
+}
+
+// buildMachine makes a 4 MiB machine with the sweep device, and the guest
 // loaded when load is set. disk, if not empty, is attached as virtio-blk.
+func buildMachine(load bool, disk string) (*machine.Machine, func(), error) {
+	m, err := machine.New(machine.Config{MemorySize: 4 << 20, TestExit: true, Host: machine.DetectHostKind()})
+	if err != nil {
+		return nil, nil, err
+	}
+	closers := []func() error{m.Close}
+	cleanup := func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}
+	fail := func(err error) (*machine.Machine, func(), error) { cleanup(); return nil, nil, err }
+	if err := m.RegisterPort(0x510, 1, sweepDevice{m}); err != nil {
+		return fail(err)
+	}
+	if disk != "" {
+		d, err := blk.New(disk, false)
+		if err != nil {
+			return fail(err)
+		}
+		closers = append(closers, d.Close)
+		if _, err := m.AddVirtio("disk", d); err != nil {
+			return fail(err)
+		}
+	}
+	if load {
+		if err := tinyguest.Load(m.Memory(), m.VCPU(), prog, tinyguest.Options{}); err != nil {
+			return fail(err)
+		}
+	}
+	return m, cleanup, nil
+}
+
 func newMachine(t *testing.T, load bool, disk string) *machine.Machine {
 	t.Helper()
 	if _, err := os.Stat("/dev/kvm"); err != nil {
 		t.Skip("no /dev/kvm")
 	}
-	m, err := machine.New(machine.Config{MemorySize: 4 << 20, TestExit: true, Host: machine.DetectHostKind()})
+	m, cleanup, err := buildMachine(load, disk)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { m.Close() })
-	if err := m.RegisterPort(0x510, 1, sweepDevice{m}); err != nil {
-		t.Fatal(err)
-	}
-	if disk != "" {
-		d, err := blk.New(disk, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { d.Close() })
-		if _, err := m.AddVirtio("disk", d); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if load {
-		if err := tinyguest.Load(m.Memory(), m.VCPU(), prog, tinyguest.Options{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	t.Cleanup(cleanup)
 	return m
 }
 
 // finish runs m to its end and checks the guest's invariants.
 func finish(t *testing.T, m *machine.Machine) {
 	t.Helper()
+	if err := finishErr(m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func finishErr(m *machine.Machine) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	stop, err := m.Run(ctx)
 	if err != nil || stop.Kind != machine.StopTestExit || stop.Code != sweeps {
-		t.Fatalf("stop %v, %v; want test exit %d (every in answered)", stop, err, sweeps)
+		return fmt.Errorf("stop %v, %v; want test exit %d (every in answered)", stop, err, sweeps)
 	}
 	mem := m.Memory()
 	for a := uint64(0x100000); a < 0x200000; a += machine.PageSize {
 		if v, _ := mem.Read64(a); v != sweeps {
-			t.Fatalf("page %#x holds %d, want %d: a guest write was lost", a, v, sweeps)
+			return fmt.Errorf("page %#x holds %d, want %d: a guest write was lost", a, v, sweeps)
 		}
 	}
 	if v, _ := mem.Read64(0x250000); v != sweeps {
-		t.Fatalf("the device's page holds %d, want %d: a VMM write was lost", v, sweeps)
+		return fmt.Errorf("the device's page holds %d, want %d: a VMM write was lost", v, sweeps)
 	}
+	return nil
 }
 
 // runFor runs m until at least n sweeps are done, then stops it.
