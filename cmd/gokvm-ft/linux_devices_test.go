@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -17,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gokvm-ft/gokvm-ft/machine"
 )
 
 // The re-exec hook: `ip netns exec NS <test binary>` with GOKVM_FT_RUN set
@@ -248,14 +251,62 @@ func need(t *testing.T, tools ...string) {
 	}
 }
 
-// TestLinuxNetAndDisk boots Linux with a virtio-net card on a tap inside a
-// network namespace made here and a virtio-blk disk: it pings the guest,
-// talks to the counter service over TCP, writes a file on the disk, powers
-// off, boots again and reads the file back.
-func TestLinuxNetAndDisk(t *testing.T) {
+// The Linux device tests share one guest configuration, so that one boot
+// serves them all: the first boots it and snapshots it at the shell prompt
+// into a cache outside the repo (keyed by kernel, initramfs, machine model
+// and state version, host kind and flags); the others restore it.
+var sharedGuestFlags = []string{"-mem", "256M", "-net", "tap=gk0,mac=52:54:00:12:34:56", "-append", "gokvm.ip=10.0.2.15/24,10.0.2.2"}
+
+// sharedNetns makes the namespace the shared guest expects: tap gk0 with
+// the host side at 10.0.2.2/24.
+func sharedNetns(t *testing.T) *netns {
+	ns := newNetns(t)
+	ns.ip(t, "link", "set", "lo", "up")
+	ns.ip(t, "tuntap", "add", "dev", "gk0", "mode", "tap")
+	ns.ip(t, "addr", "add", "10.0.2.2/24", "dev", "gk0")
+	ns.ip(t, "link", "set", "gk0", "up")
+	return ns
+}
+
+func snapshotCacheDir(t *testing.T, kernel, initrd string) string {
+	h := sha256.New()
+	for _, f := range []string{kernel, initrd} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.Write(b)
+	}
+	fmt.Fprintf(h, "%s %d %v %q", machine.ModelVersion, machine.StateVersion, machine.DetectHostKind(), sharedGuestFlags)
+	base := os.Getenv("XDG_CACHE_HOME")
+	if base == "" {
+		home, _ := os.UserHomeDir()
+		base = filepath.Join(home, ".cache")
+	}
+	return filepath.Join(base, "gokvm-ft", "snapshots", fmt.Sprintf("%x", h.Sum(nil)[:8]))
+}
+
+// startSharedGuest starts the shared guest in ns with a 16 MiB ext4 disk
+// (returned) and a control socket (returned), at its shell prompt with eth0
+// configured and the counter service running. The console position to
+// continue from is returned too.
+func startSharedGuest(t *testing.T, ns *netns) (v *vmm, disk, ctl string, pos int) {
+	t.Helper()
 	kernel, initrd := linuxImages(t)
-	need(t, "ip", "mkfs.ext4", "debugfs")
-	disk := filepath.Join(t.TempDir(), "disk.img")
+	tmp := t.TempDir()
+	disk = filepath.Join(tmp, "disk.img")
+	ctl = filepath.Join(tmp, "vm.sock")
+	cache := snapshotCacheDir(t, kernel, initrd)
+	if _, err := os.Stat(filepath.Join(cache, "snapshot.gkft")); err == nil {
+		v = startVMM(t, ns, append([]string{"-restore", cache, "-disk", disk, "-control", ctl}, sharedGuestFlags...)...)
+		if _, err := io.WriteString(v.stdin, "echo restored-$((6*7))\n"); err != nil {
+			t.Fatal(err)
+		}
+		pos = v.waitFor(t, "restored-42", len("echo restored-"), 2*time.Minute)
+		pos = v.waitFor(t, "$ ", pos, 2*time.Minute)
+		t.Logf("shared guest restored from %s in %v", cache, time.Since(v.start).Round(time.Millisecond))
+		return v, disk, ctl, pos
+	}
 	if err := os.WriteFile(disk, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -265,19 +316,46 @@ func TestLinuxNetAndDisk(t *testing.T) {
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk).CombinedOutput(); err != nil {
 		t.Fatalf("mkfs.ext4: %v: %s", err, out)
 	}
-	ns := newNetns(t)
-	ns.ip(t, "link", "set", "lo", "up")
-	ns.ip(t, "tuntap", "add", "dev", "gk0", "mode", "tap")
-	ns.ip(t, "addr", "add", "10.0.2.2/24", "dev", "gk0")
-	ns.ip(t, "link", "set", "gk0", "up")
-
-	v := startVMM(t, ns, "-kernel", kernel, "-initrd", initrd, "-mem", "256M",
-		"-disk", disk, "-net", "tap=gk0,mac=52:54:00:12:34:56",
-		"-append", "gokvm.ip=10.0.2.15/24,10.0.2.2")
-	pos := v.waitFor(t, "Welcome to u-root", 0, 15*time.Minute)
+	v = startVMM(t, ns, append([]string{"-kernel", kernel, "-initrd", initrd, "-disk", disk, "-control", ctl}, sharedGuestFlags...)...)
+	pos = v.waitFor(t, "Welcome to u-root", 0, 15*time.Minute)
 	pos = v.waitFor(t, "gokvm: network configured", pos, 5*time.Minute)
 	pos = v.waitFor(t, "gokvm: counter service listening", pos, 5*time.Minute)
-	t.Logf("guest network up after %v", time.Since(v.start).Round(time.Millisecond))
+	pos = v.waitFor(t, "$ ", pos, 5*time.Minute)
+	t.Logf("shared guest booted in %v", time.Since(v.start).Round(time.Millisecond))
+	// Cache it for the next test: snapshot beside the cache, then rename.
+	tmpSnap := cache + fmt.Sprintf(".tmp%d", os.Getpid())
+	os.RemoveAll(tmpSnap)
+	if err := os.MkdirAll(filepath.Dir(cache), 0o755); err == nil {
+		if out, err := runSelf("snapshot", "-control", ctl, tmpSnap); err != nil {
+			t.Logf("caching the booted guest failed: %v: %s", err, out)
+		} else if err := os.Rename(tmpSnap, cache); err != nil {
+			t.Logf("caching the booted guest: %v", err)
+		}
+	}
+	os.RemoveAll(tmpSnap)
+	return v, disk, ctl, pos
+}
+
+// runSelf runs `gokvm-ft ARGS` (this test binary in gokvm-ft mode).
+func runSelf(args ...string) ([]byte, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), "GOKVM_FT_RUN="+strings.Join(args, "\x1f"))
+	return cmd.CombinedOutput()
+}
+
+// TestLinuxNetAndDisk boots Linux with a virtio-net card on a tap inside a
+// network namespace made here and a virtio-blk disk: it pings the guest,
+// talks to the counter service over TCP, writes a file on the disk, powers
+// off, boots again and reads the file back.
+func TestLinuxNetAndDisk(t *testing.T) {
+	kernel, initrd := linuxImages(t)
+	need(t, "ip", "mkfs.ext4", "debugfs")
+	ns := sharedNetns(t)
+	v, disk, _, pos := startSharedGuest(t, ns)
 	rtt, err := ns.ping("10.0.2.15", time.Minute)
 	if err != nil {
 		t.Fatalf("ping: %v; console:\n%s", err, v.console.String())
@@ -301,7 +379,6 @@ func TestLinuxNetAndDisk(t *testing.T) {
 	c.Close()
 	t.Logf("counter answered after %v", time.Since(v.start).Round(time.Millisecond))
 
-	pos = v.waitFor(t, "$ ", pos, 5*time.Minute)
 	pos = v.shell(t, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo hello-from-boot-1 > /mnt/f && sync && umount /mnt && echo DISK-$((1+1))", "DISK-2", pos)
 	v.powerOff(t, pos)
 	if out, err := exec.Command("debugfs", "-R", "cat /f", disk).Output(); err != nil || !strings.Contains(string(out), "hello-from-boot-1") {
@@ -315,31 +392,18 @@ func TestLinuxNetAndDisk(t *testing.T) {
 	v.powerOff(t, pos)
 }
 
-// TestLinuxLiveTransfer moves a running Linux guest between two gokvm-ft
-// processes on this host while a client in the guest's network talks to
-// its counter service over one TCP connection: the source releases the
+// TestLinuxLiveTransfer moves a running Linux guest, busy writing memory,
+// between two gokvm-ft processes on this host while a client in the
+// guest's network talks to its counter service over one TCP connection:
+// the source releases the
 // tap, the destination takes it, and the connection goes on with no reset
 // and no counter value lost or repeated.
 func TestLinuxLiveTransfer(t *testing.T) {
-	kernel, initrd := linuxImages(t)
-	need(t, "ip")
-	ns := newNetns(t)
-	ns.ip(t, "link", "set", "lo", "up")
-	ns.ip(t, "tuntap", "add", "dev", "gk0", "mode", "tap")
-	ns.ip(t, "addr", "add", "10.0.2.2/24", "dev", "gk0")
-	ns.ip(t, "link", "set", "gk0", "up")
-	disk := filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(disk, bytes.Repeat([]byte("shared disk\n"), 4096), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	os.Truncate(disk, 1<<20)
-	ctl := filepath.Join(t.TempDir(), "a.sock")
-	netFlag := "tap=gk0,mac=52:54:00:12:34:57"
-	a := startVMM(t, ns, "-kernel", kernel, "-initrd", initrd, "-mem", "256M", "-disk", disk, "-net", netFlag,
-		"-control", ctl, "-append", "gokvm.ip=10.0.2.15/24,10.0.2.2")
-	pos := a.waitFor(t, "gokvm: counter service listening", 0, 15*time.Minute)
-	a.waitFor(t, "$ ", pos, 5*time.Minute)
-	t.Logf("source guest up after %v", time.Since(a.start).Round(time.Millisecond))
+	linuxImages(t)
+	need(t, "ip", "mkfs.ext4")
+	ns := sharedNetns(t)
+	a, disk, ctl, _ := startSharedGuest(t, ns)
+	netFlag := sharedGuestFlags[3]
 
 	c, err := ns.dial("10.0.2.15:7777", time.Minute)
 	if err != nil {
@@ -383,13 +447,16 @@ func TestLinuxLiveTransfer(t *testing.T) {
 		}
 	}()
 	time.Sleep(2 * time.Second)
+	// Keep the guest busy writing memory (dd's 8 MiB buffer, refilled from
+	// /dev/zero over and over) while it moves.
+	if _, err := io.WriteString(a.stdin, "dd if=/dev/zero of=/dev/null bs=8M count=1000000 &\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second)
 
 	b := startVMM(t, ns, "-incoming", "127.0.0.1:7900", "-disk", disk, "-net", netFlag, "-log", "debug")
 	time.Sleep(time.Second) // B listening
-	self, _ := os.Executable()
-	mig := exec.Command(self)
-	mig.Env = append(os.Environ(), "GOKVM_FT_RUN="+strings.Join([]string{"migrate", "-control", ctl, "127.0.0.1:7900"}, "\x1f"))
-	out, err := mig.CombinedOutput()
+	out, err := runSelf("migrate", "-control", ctl, "127.0.0.1:7900")
 	t.Logf("migrate:\n%s", out)
 	if err != nil {
 		t.Fatalf("migrate: %v; source stderr %s; destination stderr %s", err, a.stderr.String(), b.stderr.String())
@@ -439,10 +506,7 @@ func TestLinuxSnapshotRestore(t *testing.T) {
 	t.Logf("booted to the shell in %v", booted.Round(time.Millisecond))
 
 	dir := filepath.Join(tmp, "snap")
-	self, _ := os.Executable()
-	snap := exec.Command(self)
-	snap.Env = append(os.Environ(), "GOKVM_FT_RUN="+strings.Join([]string{"snapshot", "-control", ctl, dir}, "\x1f"))
-	out, err := snap.CombinedOutput()
+	out, err := runSelf("snapshot", "-control", ctl, dir)
 	t.Logf("snapshot: %s", out)
 	if err != nil {
 		t.Fatalf("snapshot: %v; stderr %s", err, a.stderr.String())
