@@ -52,7 +52,12 @@ type Config struct {
 	// at every exit the guest did not cause (a kick or a host signal): a
 	// sampling profiler kicks the vCPU periodically and reads it here.
 	OnHostExit func(rip uint64)
-	Logger     *slog.Logger
+	// Journal, if set, records or replays the machine's non-determinism:
+	// inputs and interrupts then reach the guest only at deterministic
+	// exits, and devices see a clock that moves only there (Clock is then
+	// the host time a recording samples).
+	Journal Journal
+	Logger  *slog.Logger
 }
 
 // Exit describes one deterministic exit, for tracing and positions.
@@ -78,9 +83,10 @@ const (
 	StopPowerOff                    // the guest powered off
 	StopHalted                      // HLT with interrupts disabled: nothing can wake it
 	StopMoved                       // the guest moved to another VMM (Runner)
+	StopLogEnd                      // a replay reached the end of its log
 )
 
-var stopNames = [...]string{"canceled", "test exit", "reset", "triple fault", "power off", "halted", "moved"}
+var stopNames = [...]string{"canceled", "test exit", "reset", "triple fault", "power off", "halted", "moved", "end of log"}
 
 func (k StopKind) String() string {
 	if int(k) < len(stopNames) {
@@ -151,6 +157,9 @@ type Machine struct {
 	unknown  map[uint64]bool // unclaimed ports/addresses already logged
 
 	inputs     inputQueue
+	journal    Journal
+	stepped    *steppedClock // the devices' clock under a journal
+	hostClock  Clock         // the host's time under a journal
 	inputPorts []*InputPort
 	gate       OutputGate
 	virtio     []*VirtioSlot
@@ -183,6 +192,10 @@ func New(cfg Config) (*Machine, error) {
 	}
 	m := &Machine{cfg: cfg, log: cfg.Logger, clock: cfg.Clock, policy: CPUPolicy{Host: cfg.Host}, unknown: map[uint64]bool{}, stats: newExitStats(), gate: SendNow}
 	m.inputs.init()
+	if cfg.Journal != nil {
+		m.journal, m.hostClock, m.stepped = cfg.Journal, cfg.Clock, &steppedClock{}
+		m.clock = m.stepped
+	}
 	if err := m.create(); err != nil {
 		m.Close()
 		return nil, err
@@ -431,18 +444,54 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 	if m.stats.Started.IsZero() {
 		m.stats.Started = time.Now()
 	}
+	j := m.journal
+	var cancelSeen time.Time
+	deliver := true // journal: this iteration follows a deterministic exit (or the start)
+	var pos Position
+	if j != nil {
+		regs, err := m.cpu.GetRegs()
+		if err != nil {
+			return Stop{}, err
+		}
+		pos = Position{Exits: m.exits, RIP: regs.RIP}
+	}
 	for {
 		if m.stop != nil {
 			return *m.stop, nil
 		}
+		// Under a journal a run ends only at a deterministic exit, where
+		// recorder and replayer can both stop; a guest that makes none
+		// for a second is stopped where it is.
 		if ctx.Err() != nil {
-			return Stop{Kind: StopCanceled}, nil
+			if j == nil || deliver {
+				return Stop{Kind: StopCanceled}, nil
+			}
+			if cancelSeen.IsZero() {
+				cancelSeen = time.Now()
+			} else if time.Since(cancelSeen) > time.Second {
+				return Stop{Kind: StopCanceled, Detail: "not at a deterministic exit: the log cannot end here"}, nil
+			}
+			go func() { time.Sleep(10 * time.Millisecond); m.kick() }()
 		}
-		m.service()
-		vector, err := m.inject()
-		if err != nil {
-			return Stop{}, err
+		vector := -1
+		if j == nil {
+			m.service()
+			v, err := m.inject()
+			if err != nil {
+				return Stop{}, err
+			}
+			vector = v
+		} else {
+			m.runRequests()
+			if deliver {
+				v, err := m.injectJournal(pos)
+				if err != nil {
+					return Stop{}, err
+				}
+				vector = v
+			}
 		}
+		deliver = false
 		entered := time.Now()
 		if err := m.cpu.Run(); err != nil {
 			return Stop{}, err
@@ -452,6 +501,7 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			m.stats.Injections++
 		}
 		ex := Exit{Reason: m.cpu.ExitReason(), Vector: -1}
+		halt := false
 		switch ex.Reason {
 		case kvm.ExitIntr:
 			// A kick or a host signal: not a guest event.
@@ -472,10 +522,12 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		case kvm.ExitHLT:
 			if !m.cpu.IFFlag() {
 				m.requestStop(Stop{Kind: StopHalted, Detail: "HLT with interrupts disabled"})
-			} else {
+			} else if j == nil {
 				halted := time.Now()
 				m.waitForInterrupt(ctx)
 				m.stats.Halted += time.Since(halted)
+			} else {
+				halt = true
 			}
 		case kvm.ExitIRQWindowOpen:
 			// Injection happens at the top of the loop.
@@ -510,17 +562,55 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		if ex.Reason == kvm.ExitIO || ex.Reason == kvm.ExitMMIO {
 			m.stats.ByAddr[statKey{ex.Reason == kvm.ExitMMIO, ex.Addr, ex.Write}]++
 		}
+		if j != nil || m.cfg.OnExit != nil {
+			regs, err := m.cpu.GetRegs()
+			if err != nil {
+				return Stop{}, err
+			}
+			ex.RIP = regs.RIP
+		}
+		if j != nil && m.stop == nil {
+			pos = Position{Exits: m.exits, RIP: ex.RIP}
+			halted := time.Now()
+			err := m.journalPoint(ctx, pos, halt)
+			if halt {
+				m.stats.Halted += time.Since(halted)
+			}
+			switch {
+			case errors.Is(err, ErrLogEnd):
+				m.requestStop(Stop{Kind: StopLogEnd, Detail: pos.String()})
+			case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
+				// Halted and cancelled: stop here, at the HLT exit.
+			case err != nil:
+				return Stop{}, fmt.Errorf("at %v: %w", pos, err)
+			}
+			deliver = true
+		}
 		if m.cfg.OnExit != nil {
 			ex.Count = m.exits
 			if vector >= 0 {
 				ex.Vector = vector
 			}
-			if regs, err := m.cpu.GetRegs(); err == nil {
-				ex.RIP = regs.RIP
-			}
 			m.cfg.OnExit(ex)
 		}
 	}
+}
+
+// injectJournal is inject at a deterministic exit under a journal, which
+// is told of the injection. It never asks for an interrupt-window exit:
+// where such an exit lands is not repeatable on every host (see
+// BENCHMARKS.md), so an interrupt the guest cannot take now waits for the
+// next deterministic exit where it can.
+func (m *Machine) injectJournal(p Position) (int, error) {
+	m.cpu.SetRequestInterruptWindow(false)
+	if !m.PIC.Pending() || !m.cpu.ReadyForInterruptInjection() || !m.cpu.IFFlag() {
+		return -1, nil
+	}
+	v := m.PIC.Acknowledge()
+	if err := m.cpu.Interrupt(v); err != nil {
+		return -1, err
+	}
+	return int(v), m.journal.Injected(p, v)
 }
 
 func (m *Machine) exitError(r kvm.ExitReason, detail string) error {

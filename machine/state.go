@@ -186,6 +186,9 @@ func (m *Machine) Restore(s *State) error {
 		return fmt.Errorf("restore system control ports: bad values %+v", s.SysCtl)
 	}
 	m.restoreFailed = true // until everything below has been applied
+	if c, ok := m.hostClock.(interface{ Set(time.Duration) }); ok {
+		c.Set(s.Clock) // a journal's host time continues from there too
+	}
 	if c, ok := m.clock.(interface{ Set(time.Duration) }); ok {
 		c.Set(s.Clock)
 	} else {

@@ -1,0 +1,269 @@
+package ft
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/gokvm-ft/gokvm-ft/ft/ftlog"
+	"github.com/gokvm-ft/gokvm-ft/machine"
+)
+
+func logPos(p machine.Position) ftlog.Position { return ftlog.Position{Exits: p.Exits, RIP: p.RIP} }
+
+// Recorder is a machine.Journal that lets the live world in and writes
+// every input, injection and window request to a log.
+type Recorder struct {
+	enc       *ftlog.Encoder
+	last      machine.Position
+	lastFlush time.Time
+	// FlushEvery bounds how long entries sit in the buffer (a backup's
+	// lag, later); 0 means 100 ms.
+	FlushEvery time.Duration
+}
+
+// NewRecorder starts a log on w; meta is JSON describing the recording
+// (or nil).
+func NewRecorder(w io.Writer, meta []byte) (*Recorder, error) {
+	enc, err := ftlog.NewEncoder(w, ftlog.Header{Created: time.Now(), Meta: meta})
+	if err != nil {
+		return nil, err
+	}
+	return &Recorder{enc: enc, lastFlush: time.Now()}, nil
+}
+
+// Deliver logs what the world has for the guest now and returns it.
+func (r *Recorder) Deliver(p machine.Position, halted bool, live func() []machine.Input) ([]machine.Input, error) {
+	in := live()
+	for _, x := range in {
+		var err error
+		switch x.Kind {
+		case machine.InputTime:
+			err = r.enc.ClockRead(logPos(p), 0, int64(x.Time))
+		case machine.InputSerial:
+			err = r.enc.SerialInput(logPos(p), 0, x.Data)
+		case machine.InputDevice:
+			err = r.enc.Packet(logPos(p), uint16(x.Port), x.Data)
+		default:
+			err = fmt.Errorf("input kind %d", x.Kind)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("record: %w", err)
+		}
+	}
+	r.last = p
+	every := r.FlushEvery
+	if every == 0 {
+		every = 100 * time.Millisecond
+	}
+	if time.Since(r.lastFlush) > every {
+		r.lastFlush = time.Now()
+		if p.Exits > 0 {
+			// Everything before this exit is in the log.
+			if err := r.enc.Progress(p.Exits - 1); err != nil && !errors.Is(err, ftlog.ErrOrder) {
+				return nil, err
+			}
+		}
+		if err := r.enc.Flush(); err != nil {
+			return nil, fmt.Errorf("record: %w", err)
+		}
+	}
+	return in, nil
+}
+
+// Injected logs an interrupt injection.
+func (r *Recorder) Injected(p machine.Position, vector uint8) error {
+	return r.enc.Interrupt(logPos(p), vector)
+}
+
+// WindowRequested logs an interrupt-window request.
+func (r *Recorder) WindowRequested(p machine.Position) error {
+	return r.enc.WindowRequest(logPos(p))
+}
+
+// Finish ends the log where m stopped: a digest of its state and the End
+// entry, then a flush. m must have stopped at a deterministic exit (as a
+// machine with a journal does).
+func (r *Recorder) Finish(m *machine.Machine) error {
+	p, err := finalPosition(m)
+	if err != nil {
+		return err
+	}
+	d, err := m.Digest()
+	if err != nil {
+		return err
+	}
+	if err := r.enc.Digest(logPos(p), d); err != nil {
+		return err
+	}
+	return r.enc.End(logPos(p))
+}
+
+// Entries is the number of entries written so far; Bytes the log's size.
+func (r *Recorder) Entries() int64 { return r.enc.Entries() }
+
+// Bytes is the number of log bytes written so far.
+func (r *Recorder) Bytes() int64 { return r.enc.Offset() }
+
+func finalPosition(m *machine.Machine) (machine.Position, error) {
+	regs, err := m.VCPU().GetRegs()
+	if err != nil {
+		return machine.Position{}, err
+	}
+	return machine.Position{Exits: m.Exits(), RIP: regs.RIP}, nil
+}
+
+// DivergenceError says the replay left the recorded execution.
+type DivergenceError struct {
+	At     machine.Position // where the replay is
+	Want   string           // what the log has next
+	Detail string
+}
+
+func (e *DivergenceError) Error() string {
+	return fmt.Sprintf("replay diverged at %v: %s (the log has %s next)", e.At, e.Detail, e.Want)
+}
+
+// Replayer is a machine.Journal that feeds a machine what a Recorder
+// logged, at the same positions, and reports the first divergence.
+type Replayer struct {
+	dec  *ftlog.Decoder
+	next *ftlog.Entry // peeked
+	err  error
+	// Entries counts the log entries consumed.
+	Entries int64
+}
+
+// NewReplayer reads a log from r.
+func NewReplayer(r io.Reader) (*Replayer, error) {
+	dec := ftlog.NewDecoder(r)
+	if _, err := dec.Header(); err != nil {
+		return nil, err
+	}
+	return &Replayer{dec: dec}, nil
+}
+
+// peek returns the next entry that matters to delivery (progress markers
+// are skipped; a replay from a complete file does not wait for them).
+func (r *Replayer) peek() (*ftlog.Entry, error) {
+	for r.next == nil {
+		e, err := r.dec.Next()
+		if err != nil {
+			return nil, fmt.Errorf("replay log: %w", err)
+		}
+		if e.Kind == ftlog.Progress {
+			continue
+		}
+		r.next = &e
+	}
+	return r.next, nil
+}
+
+func (r *Replayer) take() ftlog.Entry {
+	e := *r.next
+	r.next = nil
+	r.Entries++
+	return e
+}
+
+func describe(e *ftlog.Entry) string { return fmt.Sprintf("%v at %v", e.Kind, e.Pos) }
+
+// at checks that the next entry is of kind k at position p.
+func (r *Replayer) at(p machine.Position, k ftlog.Kind, what string) (*ftlog.Entry, error) {
+	e, err := r.peek()
+	if err != nil {
+		return nil, err
+	}
+	if e.Kind == ftlog.Digest || e.Kind == ftlog.End {
+		if e.Pos.Exits == p.Exits && k == ftlog.ClockRead {
+			return nil, machine.ErrLogEnd
+		}
+	}
+	if e.Kind != k || e.Pos.Exits != p.Exits || e.Pos.RIP != p.RIP {
+		return nil, &DivergenceError{At: p, Want: describe(e), Detail: what}
+	}
+	return e, nil
+}
+
+// Deliver returns the inputs logged at p: one delivery group, which
+// starts with the clock reading.
+func (r *Replayer) Deliver(p machine.Position, halted bool, live func() []machine.Input) ([]machine.Input, error) {
+	e, err := r.at(p, ftlog.ClockRead, "expected the clock reading of a delivery point")
+	if err != nil {
+		return nil, err
+	}
+	r.take()
+	in := []machine.Input{{Kind: machine.InputTime, Time: time.Duration(e.Value)}}
+	for {
+		e, err := r.peek()
+		if err != nil {
+			return nil, err
+		}
+		if e.Pos.Exits != p.Exits || (e.Kind != ftlog.SerialInput && e.Kind != ftlog.Packet) {
+			break
+		}
+		x := r.take()
+		if x.Kind == ftlog.SerialInput {
+			in = append(in, machine.Input{Kind: machine.InputSerial, Data: x.Data})
+		} else {
+			in = append(in, machine.Input{Kind: machine.InputDevice, Port: int(x.Device), Data: x.Data})
+		}
+	}
+	// A recording that ended right after this delivery point.
+	if e, err := r.peek(); err == nil && (e.Kind == ftlog.Digest || e.Kind == ftlog.End) && e.Pos.Exits == p.Exits {
+		return in, machine.ErrLogEnd
+	}
+	return in, nil
+}
+
+// Injected checks an injection against the log.
+func (r *Replayer) Injected(p machine.Position, vector uint8) error {
+	e, err := r.at(p, ftlog.Interrupt, fmt.Sprintf("the replay injected vector %#x", vector))
+	if err != nil {
+		return err
+	}
+	if e.Vector != vector {
+		return &DivergenceError{At: p, Want: fmt.Sprintf("vector %#x", e.Vector), Detail: fmt.Sprintf("the replay injected vector %#x", vector)}
+	}
+	r.take()
+	return nil
+}
+
+// WindowRequested checks an interrupt-window request against the log.
+func (r *Replayer) WindowRequested(p machine.Position) error {
+	if _, err := r.at(p, ftlog.WindowRequest, "the replay requested an interrupt window"); err != nil {
+		return err
+	}
+	r.take()
+	return nil
+}
+
+// Verify checks, once the machine stopped, that the log ends here and that
+// the machine's state digest is the recorded one.
+func (r *Replayer) Verify(m *machine.Machine) error {
+	p, err := finalPosition(m)
+	if err != nil {
+		return err
+	}
+	e, err := r.peek()
+	if err != nil {
+		return err
+	}
+	if e.Kind != ftlog.Digest || e.Pos.Exits != p.Exits {
+		return &DivergenceError{At: p, Want: describe(e), Detail: "the replay stopped here"}
+	}
+	d, err := m.Digest()
+	if err != nil {
+		return err
+	}
+	if d != e.Digest {
+		return &DivergenceError{At: p, Want: fmt.Sprintf("state digest %x", e.Digest[:8]), Detail: fmt.Sprintf("the replay's state digest is %x", d[:8])}
+	}
+	r.take()
+	if e, err := r.peek(); err != nil || e.Kind != ftlog.End {
+		return fmt.Errorf("replay log: no End after the final digest (%v)", err)
+	}
+	r.take()
+	return nil
+}

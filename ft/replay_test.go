@@ -1,0 +1,280 @@
+package ft_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gokvm-ft/gokvm-ft/ft"
+	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
+	"github.com/gokvm-ft/gokvm-ft/machine"
+)
+
+// busyGuest runs in user mode, counting; every 1024 counts it latches and
+// reads PIT channel 0 (a clock read) into a ring at 0x91000. The PIT ticks
+// at 1 kHz (IRQ0 counts at 0x90008) and COM1 delivers typed bytes (IRQ4:
+// the handler sums them at 0x90018 and counts them at 0x90020). After 300
+// ticks the guest exits with the number of bytes it received.
+const busyGuest = `
+_start:
+	mov $0x11, %al; out %al, $0x20; out %al, $0xa0
+	mov $0x20, %al; out %al, $0x21
+	mov $0x28, %al; out %al, $0xa1
+	mov $0x04, %al; out %al, $0x21
+	mov $0x02, %al; out %al, $0xa1
+	mov $0x01, %al; out %al, $0x21; out %al, $0xa1
+	mov $0xea, %al; out %al, $0x21
+	mov $0xff, %al; out %al, $0xa1
+	mov $0x34, %al; out %al, $0x43
+	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+	mov $0x3f9, %dx; mov $0x01, %al; out %al, %dx
+	mov $0x3fc, %dx; mov $0x08, %al; out %al, %dx
+	mov $0x3fa, %dx; mov $0x01, %al; out %al, %dx
+	pushq $0x1b
+	pushq $0x80000
+	pushq $0x202
+	pushq $0x23
+	lea user(%rip), %rax
+	push %rax
+	iretq
+user:
+	incq 0x90000
+	mov 0x90000, %rax
+	test $0x3ff, %rax
+	jnz user
+	xor %eax, %eax
+	out %al, $0x43
+	in $0x40, %al
+	mov %al, %bl
+	in $0x40, %al
+	mov %al, %bh
+	mov 0x90028, %rcx
+	and $0x1ff, %rcx
+	mov %bx, 0x91000(,%rcx,2)
+	incq 0x90028
+	cmpq $300, 0x90008
+	jb user
+	mov 0x90020, %eax
+	mov $0x501, %dx
+	out %eax, %dx
+vec_32:
+	push %rax
+	incq 0x90008
+	mov $0x20, %al
+	out %al, $0x20
+	pop %rax
+	iretq
+vec_36:
+	push %rax
+	push %rdx
+1:	mov $0x3fd, %dx
+	in %dx, %al
+	test $1, %al
+	jz 2f
+	mov $0x3f8, %dx
+	in %dx, %al
+	movzbq %al, %rax
+	add %rax, 0x90018
+	incq 0x90020
+	jmp 1b
+2:	mov $0x20, %al
+	out %al, $0x20
+	pop %rdx
+	pop %rax
+	iretq
+`
+
+var prog *tinyguest.Program
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "ft-test")
+	if err == nil {
+		prog, err = tinyguest.Assemble(dir, busyGuest)
+		os.RemoveAll(dir)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "assemble:", err)
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
+
+func newMachine(t *testing.T, j machine.Journal, console *bytes.Buffer) *machine.Machine {
+	t.Helper()
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		t.Skip("no /dev/kvm")
+	}
+	m, err := machine.New(machine.Config{MemorySize: 2 << 20, TestExit: true, Host: machine.DetectHostKind(), Journal: j, Console: console})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if err := tinyguest.Load(m.Memory(), m.VCPU(), prog, tinyguest.Options{Kernel: true}); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// perturb loads the host's CPUs until stop is closed.
+func perturb(stop <-chan struct{}) *sync.WaitGroup {
+	var wg sync.WaitGroup
+	for i := 0; i < runtime.NumCPU(); i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			x := 0
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				for k := 0; k < 100000; k++ {
+					x += k
+				}
+				runtime.Gosched()
+			}
+		}()
+	}
+	return &wg
+}
+
+// record runs the guest under a Recorder, typing bytes at random host
+// times, and returns the log and the stop.
+func record(t *testing.T, rng *rand.Rand) ([]byte, machine.Stop, [32]byte) {
+	t.Helper()
+	var log bytes.Buffer
+	rec, err := ft.NewRecorder(&log, []byte(`{"test":"busy guest"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMachine(t, rec, nil)
+	go func() {
+		for i := 0; i < 20; i++ {
+			time.Sleep(time.Duration(rng.Intn(8000)) * time.Microsecond)
+			m.DeliverSerial([]byte{byte('a' + i)})
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stop, err := m.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.Finish(m); err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return log.Bytes(), stop, d
+}
+
+func replay(t *testing.T, log []byte) (machine.Stop, [32]byte, error) {
+	t.Helper()
+	rep, err := ft.NewReplayer(bytes.NewReader(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMachine(t, rep, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stop, err := m.Run(ctx)
+	if err != nil {
+		return stop, [32]byte{}, err
+	}
+	if err := rep.Verify(m); err != nil {
+		return stop, [32]byte{}, err
+	}
+	d, _ := m.Digest()
+	return stop, d, nil
+}
+
+// TestRecordReplay records the busy guest (PIT ticks delivered at its
+// frequent exits, clock reads, console bytes typed at random host times)
+// and replays it, 20 times, with the host loaded differently each time:
+// every replay ends at the same exit with the same registers and memory.
+func TestRecordReplay(t *testing.T) {
+	rounds := 20
+	if testing.Short() {
+		rounds = 3
+	}
+	for i := 0; i < rounds; i++ {
+		rng := rand.New(rand.NewSource(int64(i)))
+		var stopLoad chan struct{}
+		var wg *sync.WaitGroup
+		if i%2 == 1 { // load during recording, not during replay
+			stopLoad = make(chan struct{})
+			wg = perturb(stopLoad)
+		}
+		log, stop, digest := record(t, rng)
+		if stopLoad != nil {
+			close(stopLoad)
+			wg.Wait()
+		}
+		if stop.Kind != machine.StopTestExit || stop.Code != 20 {
+			t.Fatalf("round %d: recording stopped with %v, want test exit 20 (all typed bytes received)", i, stop)
+		}
+		if i%2 == 0 { // load during replay instead
+			stopLoad = make(chan struct{})
+			wg = perturb(stopLoad)
+		}
+		rstop, rdigest, err := replay(t, log)
+		if i%2 == 0 {
+			close(stopLoad)
+			wg.Wait()
+		}
+		if err != nil {
+			t.Fatalf("round %d: replay: %v", i, err)
+		}
+		if rstop != stop || rdigest != digest {
+			t.Fatalf("round %d: replay stopped with %v digest %x, recording %v digest %x", i, rstop, rdigest[:8], stop, digest[:8])
+		}
+		if i == 0 {
+			t.Logf("log: %d bytes", len(log))
+		}
+	}
+}
+
+// TestReplayDetectsDivergence: a replay whose machine differs from the
+// recorded one (a different guest memory byte) is reported at the first
+// place the log and the replay disagree, or at the final digest.
+func TestReplayDetectsDivergence(t *testing.T) {
+	log, _, _ := record(t, rand.New(rand.NewSource(7)))
+	rep, err := ft.NewReplayer(bytes.NewReader(log))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMachine(t, rep, nil)
+	m.Memory().Write64(0x90028, 7) // the clock-read ring starts elsewhere
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err = m.Run(ctx)
+	if err == nil {
+		err = rep.Verify(m)
+	}
+	var div *ft.DivergenceError
+	if !errors.As(err, &div) {
+		t.Fatalf("divergence not reported: %v", err)
+	}
+	t.Log(err)
+}
+
+// TestReplayTruncatedLog: a log cut short stops the replay with an error
+// naming the entry and offset.
+func TestReplayTruncatedLog(t *testing.T) {
+	log, _, _ := record(t, rand.New(rand.NewSource(3)))
+	_, _, err := replay(t, log[:len(log)/2])
+	if err == nil {
+		t.Fatal("a truncated log replayed to the end")
+	}
+	t.Log(err)
+}

@@ -1,0 +1,208 @@
+package machine
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+)
+
+// Position is where the guest is in its execution. Without a PMU it is the
+// number of deterministic exits (PIO, MMIO, HLT, interrupt window) so far,
+// this one included, and the RIP at that exit.
+type Position struct {
+	Exits uint64
+	RIP   uint64
+}
+
+func (p Position) String() string { return fmt.Sprintf("exit %d rip %#x", p.Exits, p.RIP) }
+
+// InputKind is the kind of an Input.
+type InputKind uint8
+
+// Input kinds.
+const (
+	InputTime   InputKind = iota + 1 // guest time: the clock reading devices see from here on
+	InputSerial                      // console bytes for the UART (all of them fit)
+	InputDevice                      // data for an InputPort (a received frame)
+)
+
+// Input is one piece of the outside world, delivered at a position.
+type Input struct {
+	Kind InputKind
+	Time time.Duration // InputTime
+	Port int           // InputDevice: index of the input port, in registration order
+	Data []byte        // InputSerial, InputDevice
+}
+
+// A Journal is where a machine's non-determinism goes when recording, or
+// comes from when replaying. With a journal, the machine delivers inputs
+// and injects interrupts only at deterministic exits: an input that falls
+// due while the guest runs waits for the next one, and a kick (signal) is
+// never a delivery point. Every method runs on the vCPU thread.
+type Journal interface {
+	// Deliver returns the inputs to apply at p, in order; the first is
+	// always the guest time. live gathers what the outside world has
+	// queued (a recorder logs and returns it; a replayer ignores it and
+	// returns what was logged at p). halted says the guest is in HLT: the
+	// machine calls Deliver again at the same position until an interrupt
+	// is pending. A replayer returns an error when the log says otherwise
+	// (a divergence), and ErrLogEnd once p is the log's last position.
+	Deliver(p Position, halted bool, live func() []Input) ([]Input, error)
+	// Injected is told of each interrupt injected at p.
+	Injected(p Position, vector uint8) error
+	// WindowRequested is told of each interrupt-window request at p.
+	WindowRequested(p Position) error
+}
+
+// ErrLogEnd is a replay journal's answer at the log's last position: the
+// machine stops there (StopLogEnd).
+var ErrLogEnd = errors.New("end of the replay log")
+
+// steppedClock is the clock devices read under a journal: it moves only
+// when the machine applies an InputTime, at deterministic exits.
+type steppedClock struct {
+	mu  sync.Mutex
+	now time.Duration
+}
+
+func (c *steppedClock) Now() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *steppedClock) set(t time.Duration) {
+	c.mu.Lock()
+	if t > c.now {
+		c.now = t
+	}
+	c.mu.Unlock()
+}
+
+// Set makes t the guest time (a restore).
+func (c *steppedClock) Set(t time.Duration) {
+	c.mu.Lock()
+	c.now = t
+	c.mu.Unlock()
+}
+
+func (c *steppedClock) SleepUntil(ctx context.Context, t time.Duration, wake <-chan struct{}) {}
+func (c *steppedClock) WakeAt(t time.Duration, f func())                                      {}
+
+// liveInputs gathers what the outside world has for the guest now: the
+// host clock's time, console bytes the UART has room for, queued device
+// input. Called by a recording journal.
+func (m *Machine) liveInputs() []Input {
+	now := m.hostClock.Now()
+	if now < m.stepped.Now() {
+		now = m.stepped.Now()
+	}
+	in := []Input{{Kind: InputTime, Time: now}}
+	q := &m.inputs
+	q.mu.Lock()
+	if n := min(len(q.serial), m.UART.RxSpace()); n > 0 {
+		in = append(in, Input{Kind: InputSerial, Data: append([]byte(nil), q.serial[:n]...)})
+		q.serial = append(q.serial[:0], q.serial[n:]...)
+		q.space.Broadcast()
+	}
+	devs := q.devices
+	q.devices = nil
+	q.mu.Unlock()
+	for _, d := range devs {
+		port := -1
+		for i, p := range m.inputPorts {
+			if p == d.port {
+				port = i
+			}
+		}
+		in = append(in, Input{Kind: InputDevice, Port: port, Data: d.data.Flatten()})
+		d.data.Release()
+	}
+	return in
+}
+
+// apply delivers inputs to the devices.
+func (m *Machine) apply(in []Input) error {
+	for _, x := range in {
+		switch x.Kind {
+		case InputTime:
+			m.stepped.set(x.Time)
+			m.PIT.Advance(m.stepped.Now())
+		case InputSerial:
+			if n := m.UART.Receive(x.Data); n != len(x.Data) {
+				return fmt.Errorf("journal: the UART took %d of %d input bytes", n, len(x.Data))
+			}
+		case InputDevice:
+			if x.Port < 0 || x.Port >= len(m.inputPorts) {
+				return fmt.Errorf("journal: input for port %d, the machine has %d", x.Port, len(m.inputPorts))
+			}
+			m.inputPorts[x.Port].deliver(buffer.MakeWithData(x.Data))
+		default:
+			return fmt.Errorf("journal: unknown input kind %d", x.Kind)
+		}
+	}
+	return nil
+}
+
+// journalPoint is a delivery point: inputs at p, and for HLT, until an
+// interrupt is pending (sleeping on the host clock while recording).
+func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) error {
+	for {
+		in, err := m.journal.Deliver(p, halted, m.liveInputs)
+		if err != nil && !errors.Is(err, ErrLogEnd) {
+			return err
+		}
+		if aerr := m.apply(in); aerr != nil {
+			return aerr
+		}
+		if err != nil {
+			return err // the log ends here, after these inputs
+		}
+		if !halted || m.PIC.Pending() || m.stop != nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		// Halted with nothing pending: wait for the PIT or for input.
+		if next, ok := m.PIT.Advance(m.stepped.Now()); ok {
+			m.hostClock.SleepUntil(ctx, next, m.inputs.wake)
+		} else {
+			select {
+			case <-m.inputs.wake:
+			case <-ctx.Done():
+			}
+		}
+	}
+}
+
+// Digest is a SHA-256 of the guest-visible state: general registers, the
+// segment and control registers that matter, and all of memory. Recorder
+// and replayer compare it to prove they reached the same state.
+func (m *Machine) Digest() ([32]byte, error) {
+	if err := m.completeExit(); err != nil {
+		return [32]byte{}, err
+	}
+	r, err := m.cpu.GetRegs()
+	if err != nil {
+		return [32]byte{}, err
+	}
+	s, err := m.cpu.GetSregs()
+	if err != nil {
+		return [32]byte{}, err
+	}
+	h := sha256.New()
+	binary.Write(h, binary.LittleEndian, r)
+	binary.Write(h, binary.LittleEndian, [6]uint64{s.CR0, s.CR2, s.CR3, s.CR4, s.EFER, uint64(s.CS.Selector)})
+	mem, _ := m.mem.Slice(0, m.mem.Size())
+	h.Write(mem)
+	var d [32]byte
+	copy(d[:], h.Sum(nil))
+	return d, nil
+}
