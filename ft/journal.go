@@ -267,3 +267,26 @@ func (r *Replayer) Verify(m *machine.Machine) error {
 	r.take()
 	return nil
 }
+
+// configName names the Opaque entry that carries the recorded machine's
+// configuration, first in the log.
+const configName = "vm-config"
+
+// WriteConfig records the machine's configuration (JSON), before any other
+// entry: what a replayer needs to build the same machine.
+func (r *Recorder) WriteConfig(config []byte) error {
+	return r.enc.Opaque(ftlog.Position{}, 0, configName, config)
+}
+
+// Config returns the configuration the recorder wrote first in the log.
+func (r *Replayer) Config() ([]byte, error) {
+	e, err := r.peek()
+	if err != nil {
+		return nil, err
+	}
+	if e.Kind != ftlog.Opaque || e.Name != configName {
+		return nil, fmt.Errorf("replay log: it does not start with the machine configuration (%s)", describe(e))
+	}
+	r.take()
+	return e.Data, nil
+}

@@ -44,11 +44,41 @@ func KernelCmdline(host HostKind, tscKHz uint32, extra string) string {
 	return strings.Join(parts, " ")
 }
 
-// KernelCmdline is the command line for Linux on this machine.
+// journalCmdline keeps a recorded or replayed guest off the host: no TSC
+// (clearcpuid=tsc: no TSC clocksource and a jiffies sched_clock, so the
+// kernel reads time only through the PIT and the log), no address-space
+// randomization. Where guest kernel code still reads the TSC (the
+// entropy pool's random_get_entropy) the log cannot follow yet.
+const journalCmdline = "clocksource=jiffies nokaslr norandmaps random.trust_cpu=off random.trust_bootloader=off"
+
+// KernelCmdline is the command line for Linux on this machine. Under a
+// journal (record or replay) it keeps the guest off the host's TSC.
 func (m *Machine) KernelCmdline(extra string) string {
 	khz, err := m.cpu.GetTSCKHz()
 	if err != nil {
 		khz = 0
+	}
+	if m.journal != nil {
+		line := KernelCmdline(m.policy.Host, 0, "")
+		if strings.Contains(line, "clearcpuid=") {
+			line = strings.Replace(line, "clearcpuid=", "clearcpuid=tsc,", 1)
+		} else {
+			line += " clearcpuid=tsc"
+		}
+		parts := []string{line, journalCmdline}
+		if khz != 0 {
+			// No delay-loop calibration: it spins waiting for jiffies,
+			// and a guest that spins without exits gets no timer tick
+			// under a journal.
+			parts = append(parts, fmt.Sprintf("lpj=%d", uint64(khz)*10))
+		}
+		if v := m.VirtioCmdline(); v != "" {
+			parts = append(parts, v)
+		}
+		if extra = strings.TrimSpace(extra); extra != "" {
+			parts = append(parts, extra)
+		}
+		return strings.Join(parts, " ")
 	}
 	if v := m.VirtioCmdline(); v != "" {
 		extra = v + " " + extra

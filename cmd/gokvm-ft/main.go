@@ -50,6 +50,9 @@ type options struct {
 	control  string // control socket path
 	restore  string // snapshot directory to start from
 	incoming string // address to receive a live transfer on
+	ftLog    string // record: the log file to write
+	cmdline  string // the exact kernel command line (replay), instead of building one
+	noTap    bool   // a virtio-net card with no tap behind it (replay)
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -75,6 +78,12 @@ func parseSize(s string) (uint64, error) {
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	return parseFlagsFor("", args, stderr)
+}
+
+// parseFlagsFor parses the VM flags; for the record subcommand -log names
+// the log file and -log-level the log level.
+func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error) {
 	fs := flag.NewFlagSet("gokvm-ft", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	mem := fs.String("mem", "256M", "guest RAM (K, M or G suffix)")
@@ -82,7 +91,13 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	initrd := fs.String("initrd", "images/out/initramfs.cpio", "initramfs (empty for none)")
 	appendArgs := fs.String("append", "", "extra kernel command-line arguments")
 	host := fs.String("host", "auto", "host kind for CPU feature masks: auto, lab or bare-metal")
-	logLevel := fs.String("log", "info", "log level: debug, info, warn or error")
+	levelFlag := "log"
+	var ftLog *string
+	if sub == "record" {
+		levelFlag = "log-level"
+		ftLog = fs.String("log", "", "the record/replay log to write (required); a disk's starting image is copied beside it (FILE.disk)")
+	}
+	logLevel := fs.String(levelFlag, "info", "log level: debug, info, warn or error")
 	disk := fs.String("disk", "", "raw disk image for a virtio-blk disk (the guest's /dev/vda)")
 	diskRO := fs.Bool("disk-ro", false, "make the -disk read-only")
 	netFlag := fs.String("net", "", "virtio-net on a Linux tap device: tap=NAME[,mac=52:54:00:12:34:56]")
@@ -107,6 +122,14 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	if o.restore != "" && o.incoming != "" {
 		return nil, fmt.Errorf("-restore and -incoming exclude each other")
 	}
+	if sub == "record" {
+		if o.ftLog = *ftLog; o.ftLog == "" {
+			return nil, fmt.Errorf("record: -log FILE is required")
+		}
+		if o.incoming != "" {
+			return nil, fmt.Errorf("record: -incoming is not supported (record on the machine the guest starts on)")
+		}
+	}
 	if o.diskRO && o.disk == "" {
 		return nil, fmt.Errorf("-disk-ro needs -disk")
 	}
@@ -125,16 +148,24 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		return nil, fmt.Errorf("-host: %w", err)
 	}
 	if err := o.logLevel.UnmarshalText([]byte(*logLevel)); err != nil {
-		return nil, fmt.Errorf("-log: %w", err)
+		return nil, fmt.Errorf("-%s: %w", levelFlag, err)
 	}
 	return o, nil
 }
 
 func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
-	if len(args) > 0 && (args[0] == "snapshot" || args[0] == "migrate") {
-		return runClient(args, stdout, stderr)
+	sub := ""
+	if len(args) > 0 {
+		switch args[0] {
+		case "snapshot", "migrate":
+			return runClient(args, stdout, stderr)
+		case "replay":
+			return runReplay(args[1:], stdout, stderr)
+		case "record":
+			sub, args = "record", args[1:]
+		}
 	}
-	o, err := parseFlags(args, stderr)
+	o, err := parseFlagsFor(sub, args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return exitOK
 	}
@@ -151,6 +182,14 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	}
 	var prof *ripProfile
 	cfg := machine.Config{MemorySize: o.mem, Host: o.host, Console: stdout, Logger: log}
+	var rec *recording
+	if o.ftLog != "" {
+		if rec, err = startRecording(o, &cfg); err != nil {
+			fmt.Fprintf(stderr, "gokvm-ft: record: %v\n", err)
+			return exitError
+		}
+		defer rec.close()
+	}
 	if o.profile != "" {
 		prof = newRIPProfile()
 		cfg.OnHostExit = prof.add
@@ -174,6 +213,12 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)
 		return exitError
+	}
+	if rec != nil {
+		if err := rec.writeConfig(m); err != nil {
+			fmt.Fprintf(stderr, "gokvm-ft: record: %v\n", err)
+			return exitError
+		}
 	}
 	runner := &machine.Runner{M: m}
 	if o.control != "" {
@@ -209,6 +254,12 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintf(stderr, "\r\ngokvm-ft: %v\n", err)
 		return exitError
+	}
+	if rec != nil {
+		if err := rec.finish(m, stderr); err != nil {
+			fmt.Fprintf(stderr, "\r\ngokvm-ft: record: %v\n", err)
+			return exitError
+		}
 	}
 	return stopStatus(stop, stderr)
 }
@@ -278,7 +329,11 @@ func loadGuest(m *machine.Machine, o *options, log *slog.Logger) error {
 			return fmt.Errorf("-initrd: %w", err)
 		}
 	}
-	cmdline := m.KernelCmdline(o.append)
+	cmdline := o.cmdline
+	if cmdline == "" {
+		cmdline = m.KernelCmdline(o.append)
+	}
+	o.cmdline = cmdline
 	res, err := boot.Load(m.Memory(), boot.Config{KernelName: o.kernel, Kernel: kernel, InitrdName: o.initrd, Initrd: initrd, Cmdline: cmdline})
 	if err != nil {
 		return err

@@ -18,7 +18,7 @@ func bootMachine(o *options, cfg machine.Config, log *slog.Logger) (*machine.Mac
 		return nil, nil, err
 	}
 	log.Debug("machine ready", "mem", o.mem, "host", o.host)
-	devs, err := attachDevices(m, o, "", false, log)
+	devs, err := attachDevices(m, o, "", o.noTap, log)
 	if err != nil {
 		return m, devs, err
 	}
@@ -47,7 +47,7 @@ func restoreMachine(o *options, cfg machine.Config, log *slog.Logger) (*machine.
 	if err != nil {
 		return nil, nil, err
 	}
-	devs, err := attachDevices(m, o, diskPath, false, log)
+	devs, err := attachDevices(m, o, diskPath, o.noTap, log)
 	if err != nil {
 		return m, devs, err
 	}
