@@ -8,7 +8,7 @@ TESTFLAGS ?= -p 1 -count=1 -timeout 20m
 # The bounded fuzz runs (virtio descriptor chains, snapshot decoder) in make test.
 FUZZTIME ?= 30s
 
-.PHONY: all build images run test race vet fmt bench bench-boot clean
+.PHONY: all build images run test race vet fmt bench bench-boot bench-net clean
 
 all: build
 
@@ -46,6 +46,11 @@ bench:
 # Start -> first userspace output, gokvm-ft vs QEMU on the same images.
 bench-boot: images
 	$(GO) run ./cmd/bootbench
+
+# TCP throughput host<->guest, gokvm-ft vs QEMU virtio-net on the same
+# images (needs root: network namespaces and taps).
+bench-net: images
+	$(GO) run ./cmd/netbench
 
 clean:
 	rm -rf bin

@@ -6,10 +6,12 @@
 // starts it at boot (gokvm.counter=PORT, default 7777); try
 // `echo | nc GUEST 7777`.
 //
-//	gokvm-counter [-port 7777] [-ready-fd N]
+//	gokvm-counter [-port 7777] [-bulk-port N] [-ready-fd N]
 //
+// -port 0 leaves the counter service out. -bulk-port also starts the
+// bulk-transfer service (bulk.go, gokvm.bulk=PORT) in the same process.
 // With -ready-fd, it writes "ok\n" (or its error and "\n") to that file
-// descriptor once it listens, and closes it.
+// descriptor once it listens on every port, and closes it.
 package main
 
 import (
@@ -31,7 +33,8 @@ import (
 
 func main() {
 	fs := flag.NewFlagSet("gokvm-counter", flag.ExitOnError)
-	port := fs.Int("port", 7777, "TCP port to listen on (all addresses)")
+	port := fs.Int("port", 7777, "TCP port of the counter service (all addresses); 0: none")
+	bulkPort := fs.Int("bulk-port", 0, "TCP port of the bulk-transfer service (all addresses); 0: none")
 	readyFD := fs.Int("ready-fd", -1, "file descriptor to report readiness on (\"ok\\n\" or the error)")
 	fs.Parse(os.Args[1:])
 	log.SetFlags(0)
@@ -43,15 +46,37 @@ func main() {
 	if *readyFD >= 0 {
 		ready = os.NewFile(uintptr(*readyFD), "ready")
 	}
-	l, err := net.Listen("tcp", ":"+strconv.Itoa(*port))
-	if err != nil {
-		fmt.Fprintf(ready, "%v\n", err)
+	if *port == 0 && *bulkPort == 0 {
+		fmt.Fprintf(ready, "no service: -port and -bulk-port are both 0\n")
 		ready.Close()
-		log.Fatal(err)
+		log.Fatal("no service: -port and -bulk-port are both 0")
+	}
+	var services []func() error
+	for _, s := range []struct {
+		port  int
+		serve func(net.Listener) error
+	}{
+		{*port, func(l net.Listener) error { return serve(l, new(counter)) }},
+		{*bulkPort, serveBulk},
+	} {
+		if s.port == 0 {
+			continue
+		}
+		l, err := net.Listen("tcp", ":"+strconv.Itoa(s.port))
+		if err != nil {
+			fmt.Fprintf(ready, "%v\n", err)
+			ready.Close()
+			log.Fatal(err)
+		}
+		services = append(services, func() error { return s.serve(l) })
 	}
 	fmt.Fprintf(ready, "ok\n")
 	ready.Close()
-	log.Fatal(serve(l, new(counter)))
+	errc := make(chan error, len(services))
+	for _, serve := range services {
+		go func() { errc <- serve() }()
+	}
+	log.Fatal(<-errc)
 }
 
 type nopCloser struct{}
@@ -67,6 +92,12 @@ func (c *counter) next() uint64 { return c.n.Add(1) }
 // serve accepts connections on l until l is closed, answering each
 // connection's requests from c.
 func serve(l net.Listener, c *counter) error {
+	return acceptLoop(l, func(conn net.Conn) { handle(conn, c) })
+}
+
+// acceptLoop accepts connections on l until l is closed and runs handle
+// on each in a goroutine of its own.
+func acceptLoop(l net.Listener, handle func(net.Conn)) error {
 	delay := time.Duration(0)
 	for {
 		conn, err := l.Accept()
@@ -81,7 +112,7 @@ func serve(l net.Listener, c *counter) error {
 			continue
 		}
 		delay = 0
-		go handle(conn, c)
+		go handle(conn)
 	}
 }
 

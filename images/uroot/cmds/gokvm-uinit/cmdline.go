@@ -34,6 +34,8 @@ type Config struct {
 	NetErr     error      // gokvm.ip is present but malformed
 	Counter    int        // counter service TCP port; 0: no counter service
 	CounterErr error      // gokvm.counter is present but malformed
+	Bulk       int        // bulk-transfer service TCP port; 0: none (the default)
+	BulkErr    error      // gokvm.bulk is present but malformed
 }
 
 // Params splits a kernel command line into key=value parameters the way
@@ -105,8 +107,8 @@ func ParseIP(v string) (*NetConfig, error) {
 	return n, nil
 }
 
-// ParseCounter parses the gokvm.counter value: a TCP port 1-65535, or
-// "off". It returns 0 for off.
+// ParseCounter parses the gokvm.counter (or gokvm.bulk) value: a TCP port
+// 1-65535, or "off". It returns 0 for off.
 func ParseCounter(v string) (int, error) {
 	if v == "off" {
 		return 0, nil
@@ -118,8 +120,8 @@ func ParseCounter(v string) (int, error) {
 	return p, nil
 }
 
-// Parse reads the gokvm.ip and gokvm.counter parameters of a kernel
-// command line.
+// Parse reads the gokvm.ip, gokvm.counter and gokvm.bulk parameters of a
+// kernel command line.
 func Parse(cmdline string) Config {
 	var c Config
 	m := Params(cmdline)
@@ -131,6 +133,12 @@ func Parse(cmdline string) Config {
 	}
 	if v, ok := m["gokvm.counter"]; ok {
 		c.Counter, c.CounterErr = ParseCounter(v)
+	}
+	if v, ok := m["gokvm.bulk"]; ok {
+		c.Bulk, c.BulkErr = ParseCounter(v)
+		if c.Bulk != 0 && c.Bulk == c.Counter {
+			c.Bulk, c.BulkErr = 0, fmt.Errorf("port %d is the counter service's", c.Counter)
+		}
 	}
 	return c
 }

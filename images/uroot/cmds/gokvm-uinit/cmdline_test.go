@@ -125,3 +125,40 @@ func TestNetConfigString(t *testing.T) {
 		t.Errorf("String() = %q, want %q", got, want)
 	}
 }
+
+func TestParseBulk(t *testing.T) {
+	for _, c := range []struct {
+		cmdline       string
+		counter, bulk int
+	}{
+		{"gokvm.ip=10.0.2.15/24", 7777, 0}, // off by default
+		{"gokvm.ip=10.0.2.15/24 gokvm.bulk=7778", 7777, 7778},
+		{"gokvm.ip=10.0.2.15/24 gokvm.counter=off gokvm.bulk=9000", 0, 9000},
+		{"gokvm.bulk=9000", 0, 9000}, // without network (loopback)
+		{"gokvm.ip=10.0.2.15/24 gokvm.bulk=off", 7777, 0},
+		{"gokvm.counter=7000 gokvm.bulk=7777", 7000, 7777},
+	} {
+		got := Parse(c.cmdline)
+		if got.CounterErr != nil || got.BulkErr != nil || got.Counter != c.counter || got.Bulk != c.bulk {
+			t.Errorf("%q: counter %d (%v), bulk %d (%v); want %d, %d", c.cmdline, got.Counter, got.CounterErr, got.Bulk, got.BulkErr, c.counter, c.bulk)
+		}
+	}
+	for _, s := range []string{
+		"gokvm.bulk=", "gokvm.bulk=0", "gokvm.bulk=65536", "gokvm.bulk=x",
+		"gokvm.ip=10.0.2.15/24 gokvm.bulk=7777",             // the default counter port
+		"gokvm.counter=9000 gokvm.bulk=9000",                // the same port twice
+		"gokvm.ip=10.0.2.15/24 gokvm.bulk=7778 gokvm.bulk=", // last wins
+	} {
+		got := Parse(s)
+		if got.BulkErr == nil || got.Bulk != 0 {
+			t.Errorf("%q: bulk %d, error %v; want an error", s, got.Bulk, got.BulkErr)
+			continue
+		}
+		t.Logf("%q: %v", s, got.BulkErr)
+	}
+	var out bytes.Buffer
+	run(Parse("gokvm.counter=off gokvm.bulk=http"), &out)
+	if want := "gokvm: bad gokvm.bulk: \"http\" is neither a TCP port (1-65535) nor off; bulk service not started\n"; out.String() != want {
+		t.Errorf("output %q, want %q", out.String(), want)
+	}
+}

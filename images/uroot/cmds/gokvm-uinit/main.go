@@ -5,14 +5,16 @@
 //
 //	gokvm.ip=ADDR/PREFIX[,GATEWAY]  e.g. gokvm.ip=10.0.2.15/24,10.0.2.2
 //	gokvm.counter=PORT|off          default 7777 when gokvm.ip is given
+//	gokvm.bulk=PORT|off             bulk-transfer service, default off
 //
 // With gokvm.ip it waits up to 5 s for eth0, brings lo and eth0 up, adds
 // the address and, with a gateway, the default route, and prints one line
-// saying what it configured (or why it did not). With a counter port it
-// starts gokvm-counter in the background (its own session, so it outlives
-// the shell) and prints the port once it listens. Without either parameter
-// it does nothing and prints nothing. It always exits 0 and returns within
-// a few seconds, so the shell always starts. It first gives up the console
+// saying what it configured (or why it did not). With a counter or bulk
+// port it starts gokvm-counter (which serves both) in the background (its
+// own session, so it outlives the shell) and prints the ports once it
+// listens. Without any of these parameters it does nothing and prints
+// nothing. It always exits 0 and returns within a few seconds, so the
+// shell always starts. It first gives up the console
 // as its controlling terminal, so that its exit does not hang the console
 // up under the shell (see releaseTTY).
 package main
@@ -61,23 +63,45 @@ func run(c Config, out io.Writer) {
 			fmt.Fprintf(out, "gokvm: network configured: %v\n", c.Net)
 		}
 	}
-	switch {
-	case c.CounterErr != nil:
+	if c.CounterErr != nil {
 		fmt.Fprintf(out, "gokvm: bad gokvm.counter: %v; counter service not started\n", c.CounterErr)
-	case c.Counter != 0:
-		if _, err := startCounter(c.Counter, counterWait); err != nil {
-			fmt.Fprintf(out, "gokvm: counter service not started: %v\n", err)
-		} else {
-			fmt.Fprintf(out, "gokvm: counter service listening on tcp port %d\n", c.Counter)
+	}
+	if c.BulkErr != nil {
+		fmt.Fprintf(out, "gokvm: bad gokvm.bulk: %v; bulk service not started\n", c.BulkErr)
+	}
+	if c.Counter == 0 && c.Bulk == 0 {
+		return
+	}
+	// Both services run in one gokvm-counter process.
+	var names []string
+	if c.Counter != 0 {
+		names = append(names, fmt.Sprintf("counter service listening on tcp port %d", c.Counter))
+	}
+	if c.Bulk != 0 {
+		names = append(names, fmt.Sprintf("bulk service listening on tcp port %d", c.Bulk))
+	}
+	if _, err := startCounter(c.Counter, c.Bulk, counterWait); err != nil {
+		what := "counter service"
+		switch {
+		case c.Counter == 0:
+			what = "bulk service"
+		case c.Bulk != 0:
+			what = "counter and bulk services"
 		}
+		fmt.Fprintf(out, "gokvm: %s not started: %v\n", what, err)
+		return
+	}
+	for _, n := range names {
+		fmt.Fprintf(out, "gokvm: %s\n", n)
 	}
 }
 
-// startCounter starts gokvm-counter on port in its own session (no
-// controlling terminal: no SIGHUP when this session ends), does not wait
-// for it, and returns once it reports that it listens (on fd 3), or with
-// its error. It returns the counter's process ID.
-func startCounter(port int, wait time.Duration) (pid int, err error) {
+// startCounter starts gokvm-counter with the counter service on port and
+// the bulk service on bulkPort (0: without that service) in its own
+// session (no controlling terminal: no SIGHUP when this session ends),
+// does not wait for it, and returns once it reports that it listens (on
+// fd 3), or with its error. It returns the counter's process ID.
+func startCounter(port, bulkPort int, wait time.Duration) (pid int, err error) {
 	bin, err := exec.LookPath("gokvm-counter")
 	if err != nil {
 		// Beside this program: /bbin/gokvm-counter in a busybox build.
@@ -98,7 +122,7 @@ func startCounter(port int, wait time.Duration) (pid int, err error) {
 		return 0, err
 	}
 	defer null.Close()
-	cmd := exec.Command(bin, "-port", strconv.Itoa(port), "-ready-fd", "3")
+	cmd := exec.Command(bin, "-port", strconv.Itoa(port), "-bulk-port", strconv.Itoa(bulkPort), "-ready-fd", "3")
 	cmd.Stdin, cmd.Stdout = null, null
 	cmd.Stderr = os.Stderr // the console: its later errors
 	cmd.ExtraFiles = []*os.File{w}
