@@ -5,7 +5,7 @@ GOFLAGS  ?=
 # Tests that touch /dev/kvm run one package at a time: the lab has 2 cores
 # and timing-sensitive guests should not fight each other for them.
 TESTFLAGS ?= -p 1 -count=1 -timeout 20m
-# The bounded fuzz runs (virtio descriptor chains, snapshot decoder) in make test.
+# The bounded fuzz runs (virtio descriptor chains, snapshot and log decoders) in make test.
 FUZZTIME ?= 30s
 
 .PHONY: all build images run test race vet fmt bench bench-boot bench-net clean
@@ -27,9 +27,10 @@ run: build images
 # The whole test suite, as CI runs it (one test boots the bundled images).
 test: vet images
 	$(GO) test $(TESTFLAGS) ./...
-	$(GO) test $(TESTFLAGS) -race ./machine/... ./kvm/... ./virtio/... ./tap/... ./snapshot/... ./migrate/...
+	$(GO) test $(TESTFLAGS) -race ./machine/... ./kvm/... ./virtio/... ./tap/... ./snapshot/... ./migrate/... ./ft/...
 	$(GO) test -run '^$$' -fuzz '^FuzzChain$$' -fuzztime $(FUZZTIME) ./virtio/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s ./snapshot/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s ./ft/ftlog/
 	$(MAKE) -C images test
 
 vet:
