@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"runtime"
@@ -280,4 +281,65 @@ func TestReplayTruncatedLog(t *testing.T) {
 		t.Fatal("a truncated log replayed to the end")
 	}
 	t.Log(err)
+}
+
+// TestLiveReplay replays while the recording runs, the log streaming
+// through a pipe as a backup's would: the replayer blocks at each exit
+// until the log covers it (it reads entries as they arrive), and ends in
+// the recording's state.
+func TestLiveReplay(t *testing.T) {
+	pr, pw := io.Pipe()
+	rec, err := ft.NewRecorder(pw, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.FlushEvery = 10 * time.Millisecond
+	src := newMachine(t, rec, nil)
+	type result struct {
+		stop   machine.Stop
+		digest [32]byte
+		err    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := ft.NewReplayer(pr)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		m := newMachine(t, rep, nil)
+		stop, err := m.Run(context.Background())
+		if err == nil {
+			err = rep.Verify(m)
+		}
+		d, _ := m.Digest()
+		pr.Close()
+		done <- result{stop, d, err}
+	}()
+	go func() {
+		for i := 0; i < 20; i++ {
+			time.Sleep(3 * time.Millisecond)
+			src.DeliverSerial([]byte{byte('A' + i)})
+		}
+	}()
+	stop, err := src.Run(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.Finish(src); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	want, _ := src.Digest()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			t.Fatalf("live replay: %v", r.err)
+		}
+		if r.stop != stop || r.digest != want {
+			t.Fatalf("live replay stopped with %v, recording with %v (digests %x, %x)", r.stop, stop, r.digest[:8], want[:8])
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("the live replay did not finish")
+	}
 }
