@@ -175,6 +175,9 @@ func record(t *testing.T, rng *rand.Rand) ([]byte, machine.Stop, [32]byte) {
 	if err := rec.Finish(m); err != nil {
 		t.Fatal(err)
 	}
+	if st := m.Stats(); st.IRQWaits > 0 {
+		t.Logf("recording: %d interrupts waited %v on average, %v at most, for a deterministic exit", st.IRQWaits, st.IRQWaitTotal/time.Duration(st.IRQWaits), st.IRQWaitMax)
+	}
 	d, err := m.Digest()
 	if err != nil {
 		t.Fatal(err)

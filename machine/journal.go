@@ -161,6 +161,15 @@ func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) err
 		if aerr := m.apply(in); aerr != nil {
 			return aerr
 		}
+		now := m.stepped.Now()
+		if m.PIC.Pending() && !m.irqPending {
+			// Due since the PIT edge if that is what raised it, else now.
+			m.irqPending, m.irqDue = true, now
+			if m.hasNextDue && m.nextDue < now {
+				m.irqDue = m.nextDue
+			}
+		}
+		m.nextDue, m.hasNextDue = m.PIT.Advance(now)
 		if err != nil {
 			return err // the log ends here, after these inputs
 		}

@@ -156,13 +156,17 @@ type Machine struct {
 	hasArmed bool
 	unknown  map[uint64]bool // unclaimed ports/addresses already logged
 
-	inputs     inputQueue
-	journal    Journal
-	stepped    *steppedClock // the devices' clock under a journal
-	hostClock  Clock         // the host's time under a journal
-	inputPorts []*InputPort
-	gate       OutputGate
-	virtio     []*VirtioSlot
+	inputs    inputQueue
+	journal   Journal
+	stepped   *steppedClock // the devices' clock under a journal
+	hostClock Clock         // the host's time under a journal
+
+	// Interrupt wait accounting under a journal (ExitStats.IRQWait*).
+	irqPending, hasNextDue bool
+	irqDue, nextDue        time.Duration
+	inputPorts             []*InputPort
+	gate                   OutputGate
+	virtio                 []*VirtioSlot
 
 	kickMu sync.Mutex
 	closed bool
@@ -609,6 +613,14 @@ func (m *Machine) injectJournal(p Position) (int, error) {
 	v := m.PIC.Acknowledge()
 	if err := m.cpu.Interrupt(v); err != nil {
 		return -1, err
+	}
+	if m.irqPending {
+		w := m.stepped.Now() - m.irqDue
+		m.stats.IRQWaits++
+		m.stats.IRQWaitTotal += w
+		m.stats.IRQWaitMax = max(m.stats.IRQWaitMax, w)
+		m.irqPending = m.PIC.Pending()
+		m.irqDue = m.stepped.Now()
 	}
 	return int(v), m.journal.Injected(p, v)
 }

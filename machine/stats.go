@@ -20,6 +20,12 @@ type ExitStats struct {
 	InGuest    time.Duration // wall time inside KVM_RUN
 	Halted     time.Duration // wall time waiting in HLT
 	Started    time.Time
+	// Under a journal: how long (guest time) interrupts waited from
+	// falling due (a PIT edge, or input seen at an exit) to injection at
+	// a deterministic exit.
+	IRQWaits     uint64
+	IRQWaitTotal time.Duration
+	IRQWaitMax   time.Duration
 }
 
 type statKey struct {
@@ -57,6 +63,9 @@ func (s ExitStats) Write(w io.Writer) {
 	fmt.Fprintf(w, "exits: %d guest-caused, %d host (kicks), %d interrupts injected\n", total, s.HostExits, s.Injections)
 	fmt.Fprintf(w, "time: %.1fs wall, %.1fs in KVM_RUN, %.1fs halted, %.1fs in the VMM\n",
 		wall.Seconds(), s.InGuest.Seconds(), s.Halted.Seconds(), (wall - s.InGuest - s.Halted).Seconds())
+	if s.IRQWaits > 0 {
+		fmt.Fprintf(w, "interrupt waits (journal): %d, mean %v, max %v\n", s.IRQWaits, s.IRQWaitTotal/time.Duration(s.IRQWaits), s.IRQWaitMax)
+	}
 	reasons := make([]kvm.ExitReason, 0, len(s.ByReason))
 	for r := range s.ByReason {
 		reasons = append(reasons, r)
