@@ -118,9 +118,10 @@ func hashFile(path string) (int64, string, error) {
 	return n, fmt.Sprintf("%x", h.Sum(nil)), nil
 }
 
-// copyFile copies src to dst (created, not overwritten), leaving holes
-// where src has all-zero blocks, and returns the size and SHA-256.
-func copyFile(dst, src string) (int64, string, error) {
+// CopyImage copies the disk image src to dst (created, never
+// overwritten), leaving holes where src has all-zero blocks, and returns
+// the size and SHA-256 of the contents.
+func CopyImage(dst, src string) (int64, string, error) {
 	in, err := os.Open(src)
 	if err != nil {
 		return 0, "", err

@@ -34,7 +34,7 @@ func Save(dir string, m *machine.Machine, disks []DiskSource) error {
 	var ds []Disk
 	for _, d := range disks {
 		file := "disk-" + d.Name + ".img"
-		size, sum, err := copyFile(filepath.Join(dir, file), d.Path)
+		size, sum, err := CopyImage(filepath.Join(dir, file), d.Path)
 		if err != nil {
 			return fmt.Errorf("copy disk %s: %w", d.Name, err)
 		}
@@ -124,7 +124,7 @@ func (s *Snapshot) PrepareDisk(d Disk, target string) (string, error) {
 	if target == "" {
 		target = src
 	} else if _, err := os.Stat(target); errors.Is(err, os.ErrNotExist) {
-		if _, _, err := copyFile(target, src); err != nil {
+		if _, _, err := CopyImage(target, src); err != nil {
 			return "", fmt.Errorf("copy disk %s: %w", d.Name, err)
 		}
 	}

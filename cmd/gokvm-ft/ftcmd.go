@@ -64,7 +64,7 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 		// recording will leave it.
 		start := o.ftLog + ".disk"
 		os.Remove(start)
-		if _, err := copySparse(start, o.disk); err != nil {
+		if _, _, err := migrate.CopyImage(start, o.disk); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("copying the starting disk: %w", err)
 		}
@@ -114,47 +114,6 @@ func (r *recording) finish(m *machine.Machine, stderr io.Writer) error {
 }
 
 func (r *recording) close() { r.bw.Flush(); r.f.Close() }
-
-// copySparse copies a disk image, leaving holes for zero blocks.
-func copySparse(dst, src string) (int64, error) {
-	in, err := os.Open(src)
-	if err != nil {
-		return 0, err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		return 0, err
-	}
-	defer out.Close()
-	buf := make([]byte, 1<<20)
-	var off int64
-	for {
-		n, rerr := io.ReadFull(in, buf)
-		if n > 0 {
-			zero := true
-			for _, c := range buf[:n] {
-				if c != 0 {
-					zero = false
-					break
-				}
-			}
-			if !zero {
-				if _, err := out.WriteAt(buf[:n], off); err != nil {
-					return 0, err
-				}
-			}
-			off += int64(n)
-		}
-		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
-			break
-		}
-		if rerr != nil {
-			return 0, rerr
-		}
-	}
-	return off, out.Truncate(off)
-}
 
 // runReplay is `gokvm-ft replay -log FILE [-verify]`.
 func runReplay(args []string, stdout, stderr io.Writer) int {
@@ -218,7 +177,7 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 	defer os.RemoveAll(tmp)
 	if vm.Disk != "" {
 		o.disk = filepath.Join(tmp, "disk.img")
-		if _, err := copySparse(o.disk, vm.Disk); err != nil {
+		if _, _, err := migrate.CopyImage(o.disk, vm.Disk); err != nil {
 			return fmt.Errorf("the starting disk: %w", err)
 		}
 	} else if vm.Restore != "" {
