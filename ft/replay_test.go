@@ -24,28 +24,15 @@ import (
 // the handler sums them at 0x90018 and counts them at 0x90020). After 300
 // ticks and 20 bytes (however late the host's typing comes) the guest exits
 // with the number of bytes it received.
-const busyGuest = `
+var busyGuest = `
 _start:
-	mov $0x11, %al; out %al, $0x20; out %al, $0xa0
-	mov $0x20, %al; out %al, $0x21
-	mov $0x28, %al; out %al, $0xa1
-	mov $0x04, %al; out %al, $0x21
-	mov $0x02, %al; out %al, $0xa1
-	mov $0x01, %al; out %al, $0x21; out %al, $0xa1
-	mov $0xea, %al; out %al, $0x21
-	mov $0xff, %al; out %al, $0xa1
+` + tinyguest.PICInit(0xea) + `
 	mov $0x34, %al; out %al, $0x43
 	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
 	mov $0x3f9, %dx; mov $0x01, %al; out %al, %dx
 	mov $0x3fc, %dx; mov $0x08, %al; out %al, %dx
 	mov $0x3fa, %dx; mov $0x01, %al; out %al, %dx
-	pushq $0x1b
-	pushq $0x80000
-	pushq $0x202
-	pushq $0x23
-	lea user(%rip), %rax
-	push %rax
-	iretq
+` + tinyguest.ToUser + `
 user:
 	incq 0x90000
 	mov 0x90000, %rax

@@ -19,35 +19,13 @@ import (
 // allowed through the TSS I/O bitmap (IOPL is forced to 0), user mode always
 // runs with IF=1, and INT n from user mode raises #UD: so IF is toggled and
 // HLT executed in kernel mode.
-const (
-	// exitWith writes %eax to the test-exit port.
-	exitWithEAX = `
-	mov $0x501, %dx
-	out %eax, %dx
-`
-	// picInit programs both PICs as Linux does: vectors 0x20 and 0x28,
-	// everything masked but IRQ0 (timer), IRQ2 (cascade) and IRQ4 (COM1).
-	picInit = `
-	mov $0x11, %al; out %al, $0x20; out %al, $0xa0
-	mov $0x20, %al; out %al, $0x21
-	mov $0x28, %al; out %al, $0xa1
-	mov $0x04, %al; out %al, $0x21
-	mov $0x02, %al; out %al, $0xa1
-	mov $0x01, %al; out %al, $0x21; out %al, $0xa1
-	mov $0xea, %al; out %al, $0x21
-	mov $0xff, %al; out %al, $0xa1
-`
-	// toUser drops to CPL3 at label user with IF=1 and the user stack.
-	toUser = `
-	pushq $0x1b
-	pushq $0x80000
-	pushq $0x202
-	pushq $0x23
-	lea user(%rip), %rax
-	push %rax
-	iretq
-`
-	// eoi acknowledges the master PIC, preserving %rax.
+var (
+	exitWithEAX = tinyguest.ExitWithEAX
+	toUser      = tinyguest.ToUser
+	// picInit: IRQ0 (timer), IRQ2 (cascade) and IRQ4 (COM1) unmasked.
+	picInit = tinyguest.PICInit(0xea)
+	// timerHandler counts ticks at 0x90000 and acknowledges the master
+	// PIC, preserving %rax.
 	timerHandler = `
 vec_32:
 	push %rax

@@ -31,7 +31,7 @@ const (
 // reset, ACKNOWLEDGE|DRIVER, VERSION_1 only, FEATURES_OK, queue 0 of 8
 // entries at vqDesc/vqAvail/vqUsed, DRIVER_OK. It exits with 0xbad if the
 // device refuses FEATURES_OK.
-const virtioDriverSetup = `
+var virtioDriverSetup = `
 	mov $0xd0000000, %rbx
 	movl $0, 0x70(%rbx)
 	movl $3, 0x70(%rbx)
@@ -54,16 +54,8 @@ const virtioDriverSetup = `
 
 // virtioIRQ5 unmasks only IRQ5 (and the cascade) at the PIC; its handler
 // (vector 0x25) acknowledges the device's interrupt status and counts.
-const virtioIRQ5 = `
-	mov $0x11, %al; out %al, $0x20; out %al, $0xa0
-	mov $0x20, %al; out %al, $0x21
-	mov $0x28, %al; out %al, $0xa1
-	mov $0x04, %al; out %al, $0x21
-	mov $0x02, %al; out %al, $0xa1
-	mov $0x01, %al; out %al, $0x21; out %al, $0xa1
-	mov $0xdb, %al; out %al, $0x21
-	mov $0xff, %al; out %al, $0xa1
-`
+var virtioIRQ5 = tinyguest.PICInit(0xdb)
+
 const virtioHandler = `
 vec_37:
 	push %rax
