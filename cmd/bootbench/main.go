@@ -24,10 +24,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strings"
 	"time"
 
+	"github.com/gokvm-ft/gokvm-ft/internal/benchutil"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 )
 
@@ -97,11 +97,11 @@ func run(rounds int, images, marker, mem, qemu, hostFlag string, timeout time.Du
 			"-nographic", "-no-reboot", "-serial", "stdio",
 			"-kernel", qemuKernel, "-initrd", initrd, "-append", cmdline}},
 	}
-	fmt.Printf("host: %s, %s, %d CPUs; kind %v\n", uname(), cpuModel(), runtime.NumCPU(), host)
+	fmt.Printf("host: %s, %s, %d CPUs; kind %v\n", benchutil.Uname(), benchutil.CPUModel(), runtime.NumCPU(), host)
 	fmt.Printf("kernel command line: %s\n", cmdline)
 	fmt.Printf("QEMU boots the %s\n", boot)
 	for _, c := range cs {
-		fmt.Printf("%s: %s\n", c.name, strings.Join(quote(c.args), " "))
+		fmt.Printf("%s: %s\n", c.name, strings.Join(benchutil.Quote(c.args), " "))
 	}
 	times := map[string][]time.Duration{}
 	var ratios []float64
@@ -124,7 +124,7 @@ func run(rounds int, images, marker, mem, qemu, hostFlag string, timeout time.Du
 		ratios = append(ratios, ratio)
 		fmt.Printf("%-6d %11.2fs %11.2fs %8.3f\n", r+1, got["gokvm-ft"].Seconds(), got["qemu"].Seconds(), ratio)
 	}
-	fmt.Printf("%-6s %11.2fs %11.2fs %8.3f\n", "median", median(times["gokvm-ft"]).Seconds(), median(times["qemu"]).Seconds(), medianF(ratios))
+	fmt.Printf("%-6s %11.2fs %11.2fs %8.3f\n", "median", benchutil.Median(times["gokvm-ft"]).Seconds(), benchutil.Median(times["qemu"]).Seconds(), benchutil.Median(ratios))
 	return nil
 }
 
@@ -222,42 +222,3 @@ func le32(b []byte) uint32 {
 	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
 }
 func align4(n int) int { return (n + 3) &^ 3 }
-
-func median(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	return s[len(s)/2]
-}
-
-func medianF(f []float64) float64 {
-	s := slices.Clone(f)
-	slices.Sort(s)
-	return s[len(s)/2]
-}
-
-func quote(args []string) []string {
-	out := make([]string, len(args))
-	for i, a := range args {
-		if strings.ContainsAny(a, " ,=") && !strings.HasPrefix(a, "-") {
-			a = "'" + a + "'"
-		}
-		out[i] = a
-	}
-	return out
-}
-
-func uname() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
-	return "Linux " + strings.TrimSpace(string(b))
-}
-
-func cpuModel() string {
-	b, _ := os.ReadFile("/proc/cpuinfo")
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "model name") {
-			_, v, _ := strings.Cut(l, ":")
-			return strings.TrimSpace(v)
-		}
-	}
-	return "unknown CPU"
-}

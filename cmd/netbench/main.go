@@ -38,6 +38,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/gokvm-ft/gokvm-ft/internal/benchutil"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 )
 
@@ -175,12 +176,12 @@ func (b *bench) run(ctx context.Context, hostFlag string) error {
 			return fmt.Errorf("-only %q: want gokvm-ft or qemu", b.only)
 		}
 	}
-	fmt.Printf("host: %s, %s, %d CPUs; kind %v\n", uname(), cpuModel(), runtime.NumCPU(), host)
+	fmt.Printf("host: %s, %s, %d CPUs; kind %v\n", benchutil.Uname(), benchutil.CPUModel(), runtime.NumCPU(), host)
 	fmt.Printf("kernel command line (each VMM adds virtio_mmio.device= for its NIC): %s\n", cmdline)
 	fmt.Printf("per VMM run: ip netns add NS; ip -n NS tuntap add dev %s mode tap; ip -n NS addr add %s/24 dev %s; ip -n NS link set %s up; ip -n NS link set lo up\n",
 		tapName, hostAddr, tapName, tapName)
 	for _, c := range cs {
-		fmt.Printf("%s: ip netns exec NS %s\n", c.name, strings.Join(quote(c.args), " "))
+		fmt.Printf("%s: ip netns exec NS %s\n", c.name, strings.Join(benchutil.Quote(c.args), " "))
 	}
 	fmt.Printf("transfers: %d MiB each, %d per direction per boot after an untimed %d KiB one each way; host side in NS, guest %s:%d; MiB/s = 2^20 bytes/s\n\n",
 		b.bytes>>20, b.transfers, min(b.bytes, warmup)>>10, guestAddr, bulkPort)
@@ -607,31 +608,4 @@ func median(f []float64) float64 {
 		return (s[len(s)/2-1] + s[len(s)/2]) / 2
 	}
 	return s[len(s)/2]
-}
-
-func quote(args []string) []string {
-	out := make([]string, len(args))
-	for i, a := range args {
-		if strings.ContainsAny(a, " ,=") && !strings.HasPrefix(a, "-") {
-			a = "'" + a + "'"
-		}
-		out[i] = a
-	}
-	return out
-}
-
-func uname() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
-	return "Linux " + strings.TrimSpace(string(b))
-}
-
-func cpuModel() string {
-	b, _ := os.ReadFile("/proc/cpuinfo")
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "model name") {
-			_, v, _ := strings.Cut(l, ":")
-			return strings.TrimSpace(v)
-		}
-	}
-	return "unknown CPU"
 }
