@@ -450,7 +450,8 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 	}
 	j := m.journal
 	var cancelSeen time.Time
-	deliver := true // journal: this iteration follows a deterministic exit (or the start)
+	deliver := true
+	stray := false // the last exit was a signal that was not a kick // journal: this iteration follows a deterministic exit (or the start)
 	var pos Position
 	if j != nil {
 		regs, err := m.cpu.GetRegs()
@@ -478,14 +479,14 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			go func() { time.Sleep(10 * time.Millisecond); m.kick() }()
 		}
 		vector := -1
-		if j == nil {
+		if j == nil && !stray {
 			m.service()
 			v, err := m.inject()
 			if err != nil {
 				return Stop{}, err
 			}
 			vector = v
-		} else {
+		} else if j != nil {
 			m.runRequests()
 			if deliver {
 				v, err := m.injectJournal(pos)
@@ -495,7 +496,7 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 				vector = v
 			}
 		}
-		deliver = false
+		deliver, stray = false, false
 		entered := time.Now()
 		if err := m.cpu.Run(); err != nil {
 			return Stop{}, err
@@ -508,9 +509,13 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		halt := false
 		switch ex.Reason {
 		case kvm.ExitIntr:
-			// A kick or a host signal: not a guest event.
+			// A kick or a host signal: not a guest event. A signal that
+			// is not our kick (the Go runtime preempts threads with the
+			// same SIGURG) changes nothing: re-enter the guest without
+			// servicing devices or injecting, so that where the guest
+			// stands then cannot matter.
 			m.stats.HostExits++
-			m.cpu.ClearImmediateExit()
+			stray = !m.cpu.ClearImmediateExit()
 			if m.cfg.OnHostExit != nil {
 				if regs, err := m.cpu.GetRegs(); err == nil {
 					m.cfg.OnHostExit(regs.RIP)
