@@ -131,6 +131,10 @@ type Replayer struct {
 	dec  *ftlog.Decoder
 	next *ftlog.Entry // peeked
 	err  error
+	// follow: wait at the end of the log for more instead of failing.
+	follow bool
+	poll   time.Duration
+	stop   <-chan struct{}
 	// Entries counts the log entries consumed.
 	Entries int64
 }
@@ -144,13 +148,47 @@ func NewReplayer(r io.Reader) (*Replayer, error) {
 	return &Replayer{dec: dec}, nil
 }
 
+// NewFollowingReplayer reads a log that is still being written (a file the
+// recorder appends to): at the end of what is there it waits, polling r
+// every poll, instead of failing, so the replay never runs past what the
+// log covers and goes on as the recording does. Closing stop ends the wait
+// with an error.
+func NewFollowingReplayer(r io.Reader, poll time.Duration, stop <-chan struct{}) (*Replayer, error) {
+	rep := &Replayer{dec: ftlog.NewDecoder(r), follow: true, poll: poll, stop: stop}
+	for {
+		_, err := rep.dec.Header()
+		if err == nil {
+			return rep, nil
+		}
+		if err := rep.wait(err); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// wait decides, after err from the decoder, whether to wait for more log.
+func (r *Replayer) wait(err error) error {
+	if !r.follow || !errors.Is(err, ftlog.ErrTruncated) {
+		return err
+	}
+	select {
+	case <-r.stop:
+		return fmt.Errorf("stopped waiting for more log: %w", err)
+	case <-time.After(r.poll):
+		return nil
+	}
+}
+
 // peek returns the next entry that matters to delivery (progress markers
 // are skipped; a replay from a complete file does not wait for them).
 func (r *Replayer) peek() (*ftlog.Entry, error) {
 	for r.next == nil {
 		e, err := r.dec.Next()
 		if err != nil {
-			return nil, fmt.Errorf("replay log: %w", err)
+			if werr := r.wait(err); werr != nil {
+				return nil, fmt.Errorf("replay log: %w", werr)
+			}
+			continue
 		}
 		if e.Kind == ftlog.Progress {
 			continue

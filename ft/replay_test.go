@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"testing"
@@ -331,5 +332,76 @@ func TestLiveReplay(t *testing.T) {
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("the live replay did not finish")
+	}
+}
+
+// TestFollowFile replays from a log file while the recorder is still
+// appending to it: the replayer waits at the end of what is written, never
+// runs past it, and ends in the recording's state.
+func TestFollowFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "live.ftlog")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	rec, err := ft.NewRecorder(f, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.FlushEvery = 5 * time.Millisecond
+	src := newMachine(t, rec, nil)
+	stopWaiting := make(chan struct{})
+	defer close(stopWaiting)
+	type result struct {
+		stop   machine.Stop
+		digest [32]byte
+		err    error
+	}
+	done := make(chan result, 1)
+	go func() {
+		in, err := os.Open(path)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer in.Close()
+		rep, err := ft.NewFollowingReplayer(in, time.Millisecond, stopWaiting)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		m := newMachine(t, rep, nil)
+		stop, err := m.Run(context.Background())
+		if err == nil {
+			err = rep.Verify(m)
+		}
+		d, _ := m.Digest()
+		done <- result{stop, d, err}
+	}()
+	go func() {
+		for i := 0; i < 20; i++ {
+			time.Sleep(2 * time.Millisecond)
+			src.DeliverSerial([]byte{byte('0' + i)})
+		}
+	}()
+	stop, err := src.Run(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.Finish(src); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := src.Digest()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			t.Fatalf("following replay: %v", r.err)
+		}
+		if r.stop != stop || r.digest != want {
+			t.Fatalf("following replay stopped with %v, recording with %v", r.stop, stop)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("the following replay did not finish")
 	}
 }
