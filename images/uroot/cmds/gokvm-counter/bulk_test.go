@@ -13,22 +13,7 @@ import (
 )
 
 // startBulk runs serveBulk on 127.0.0.1:0 in this process.
-func startBulk(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- serveBulk(l) }()
-	t.Cleanup(func() {
-		l.Close()
-		if err := <-done; err == nil {
-			t.Error("serveBulk returned nil")
-		}
-	})
-	return l.Addr().String()
-}
+func startBulk(t *testing.T) string { return startListening(t, "serveBulk", serveBulk) }
 
 // sink sends "sink\n", then body in pieces of at most chunk bytes, shuts
 // down its side and returns the reply.

@@ -14,17 +14,24 @@ import (
 
 // startServer runs serve on 127.0.0.1:0 in this process.
 func startServer(t *testing.T) string {
+	return startListening(t, "serve", func(l net.Listener) error { return serve(l, new(counter)) })
+}
+
+// startListening runs a server on 127.0.0.1:0 in this process and checks,
+// at the end of the test, that closing the listener made it return an
+// error.
+func startListening(t *testing.T, name string, serve func(net.Listener) error) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- serve(l, new(counter)) }()
+	go func() { done <- serve(l) }()
 	t.Cleanup(func() {
 		l.Close()
 		if err := <-done; err == nil {
-			t.Error("serve returned nil")
+			t.Errorf("%s returned nil", name)
 		}
 	})
 	return l.Addr().String()
