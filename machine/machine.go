@@ -567,10 +567,7 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			return Stop{}, m.exitError(ex.Reason, "unexpected exit")
 		}
 		m.exits++
-		m.stats.ByReason[ex.Reason]++
-		if ex.Reason == kvm.ExitIO || ex.Reason == kvm.ExitMMIO {
-			m.stats.ByAddr[statKey{ex.Reason == kvm.ExitMMIO, ex.Addr, ex.Write}]++
-		}
+		m.stats.count(&ex)
 		if j != nil || m.cfg.OnExit != nil {
 			regs, err := m.cpu.GetRegs()
 			if err != nil {

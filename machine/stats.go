@@ -15,6 +15,7 @@ import (
 type ExitStats struct {
 	ByReason   map[kvm.ExitReason]uint64
 	ByAddr     map[statKey]uint64
+	OtherAddr  uint64 // port and MMIO exits beyond the first maxStatAddrs addresses
 	Injections uint64
 	HostExits  uint64        // kicks and host signals
 	InGuest    time.Duration // wall time inside KVM_RUN
@@ -32,6 +33,25 @@ type statKey struct {
 	MMIO  bool
 	Addr  uint64
 	Write bool
+}
+
+// maxStatAddrs bounds ByAddr: a guest that touches ever new addresses must
+// not make the VMM's memory grow with it. Further addresses are counted
+// under OtherAddr.
+const maxStatAddrs = 4096
+
+// count adds one handled deterministic exit.
+func (s *ExitStats) count(ex *Exit) {
+	s.ByReason[ex.Reason]++
+	if ex.Reason != kvm.ExitIO && ex.Reason != kvm.ExitMMIO {
+		return
+	}
+	k := statKey{ex.Reason == kvm.ExitMMIO, ex.Addr, ex.Write}
+	if _, ok := s.ByAddr[k]; ok || len(s.ByAddr) < maxStatAddrs {
+		s.ByAddr[k]++
+	} else {
+		s.OtherAddr++
+	}
 }
 
 func newExitStats() ExitStats {
@@ -91,6 +111,9 @@ func (s ExitStats) Write(w io.Writer) {
 			dir = "out"
 		}
 		fmt.Fprintf(w, "  %s %#-10x %-3s %10d\n", space, k.Addr, dir, s.ByAddr[k])
+	}
+	if s.OtherAddr > 0 {
+		fmt.Fprintf(w, "  %d more exits at addresses beyond the first %d\n", s.OtherAddr, maxStatAddrs)
 	}
 }
 

@@ -331,3 +331,17 @@ func TestOverriddenLeaves(t *testing.T) {
 		t.Errorf("identical tables: %#x", d)
 	}
 }
+
+func TestExitStatsBounded(t *testing.T) {
+	s := newExitStats()
+	for i := 0; i < maxStatAddrs+904; i++ {
+		s.count(&Exit{Reason: kvm.ExitMMIO, Addr: uint64(i) * 8})
+	}
+	s.count(&Exit{Reason: kvm.ExitMMIO, Addr: 0}) // a known address still counts as itself
+	if len(s.ByAddr) != maxStatAddrs || s.OtherAddr != 904 || s.ByAddr[statKey{MMIO: true, Addr: 0}] != 2 {
+		t.Errorf("%d addresses, %d other, address 0 counted %d times", len(s.ByAddr), s.OtherAddr, s.ByAddr[statKey{MMIO: true}])
+	}
+	if s.ByReason[kvm.ExitMMIO] != maxStatAddrs+905 {
+		t.Errorf("%d MMIO exits counted", s.ByReason[kvm.ExitMMIO])
+	}
+}
