@@ -132,8 +132,7 @@ func (m *Machine) apply(in []Input) error {
 	for _, x := range in {
 		switch x.Kind {
 		case InputTime:
-			m.stepped.set(x.Time)
-			m.PIT.Advance(m.stepped.Now())
+			m.stepped.set(x.Time) // journalPoint brings the PIT up to it
 		case InputSerial:
 			if n := m.UART.Receive(x.Data); n != len(x.Data) {
 				return fmt.Errorf("journal: the UART took %d of %d input bytes", n, len(x.Data))
@@ -180,8 +179,8 @@ func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) err
 			return ctx.Err()
 		}
 		// Halted with nothing pending: wait for the PIT or for input.
-		if next, ok := m.PIT.Advance(m.stepped.Now()); ok {
-			m.hostClock.SleepUntil(ctx, next, m.inputs.wake)
+		if m.hasNextDue {
+			m.hostClock.SleepUntil(ctx, m.nextDue, m.inputs.wake)
 		} else {
 			select {
 			case <-m.inputs.wake:

@@ -450,8 +450,8 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 	}
 	j := m.journal
 	var cancelSeen time.Time
-	deliver := true
-	stray := false // the last exit was a signal that was not a kick // journal: this iteration follows a deterministic exit (or the start)
+	deliver := true // journal: this iteration follows a deterministic exit (or the start)
+	stray := false  // the last exit was a signal that was not a kick
 	var pos Position
 	if j != nil {
 		regs, err := m.cpu.GetRegs()
@@ -476,7 +476,7 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			} else if time.Since(cancelSeen) > time.Second {
 				return Stop{Kind: StopCanceled, Detail: "not at a deterministic exit: the log cannot end here"}, nil
 			}
-			go func() { time.Sleep(10 * time.Millisecond); m.kick() }()
+			time.AfterFunc(10*time.Millisecond, m.kick)
 		}
 		vector := -1
 		if j == nil && !stray {
