@@ -280,59 +280,10 @@ func TestReplayTruncatedLog(t *testing.T) {
 // the recording's state.
 func TestLiveReplay(t *testing.T) {
 	pr, pw := io.Pipe()
-	rec, err := ft.NewRecorder(pw, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rec.FlushEvery = 10 * time.Millisecond
-	src := newMachine(t, rec, nil)
-	type result struct {
-		stop   machine.Stop
-		digest [32]byte
-		err    error
-	}
-	done := make(chan result, 1)
-	go func() {
+	recordWhileReplaying(t, pw, 10*time.Millisecond, func() { pw.Close() }, func() (*ft.Replayer, func(), error) {
 		rep, err := ft.NewReplayer(pr)
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		m := newMachine(t, rep, nil)
-		stop, err := m.Run(context.Background())
-		if err == nil {
-			err = rep.Verify(m)
-		}
-		d, _ := m.Digest()
-		pr.Close()
-		done <- result{stop, d, err}
-	}()
-	go func() {
-		for i := 0; i < 20; i++ {
-			time.Sleep(3 * time.Millisecond)
-			src.DeliverSerial([]byte{byte('A' + i)})
-		}
-	}()
-	stop, err := src.Run(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rec.Finish(src); err != nil {
-		t.Fatal(err)
-	}
-	pw.Close()
-	want, _ := src.Digest()
-	select {
-	case r := <-done:
-		if r.err != nil {
-			t.Fatalf("live replay: %v", r.err)
-		}
-		if r.stop != stop || r.digest != want {
-			t.Fatalf("live replay stopped with %v, recording with %v (digests %x, %x)", r.stop, stop, r.digest[:8], want[:8])
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("the live replay did not finish")
-	}
+		return rep, func() { pr.Close() }, err
+	})
 }
 
 // TestFollowFile replays from a log file while the recorder is still
@@ -345,14 +296,31 @@ func TestFollowFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	rec, err := ft.NewRecorder(f, nil)
+	stopWaiting := make(chan struct{})
+	defer close(stopWaiting)
+	recordWhileReplaying(t, f, 5*time.Millisecond, func() {}, func() (*ft.Replayer, func(), error) {
+		in, err := os.Open(path)
+		if err != nil {
+			return nil, nil, err
+		}
+		rep, err := ft.NewFollowingReplayer(in, time.Millisecond, stopWaiting)
+		return rep, func() { in.Close() }, err
+	})
+}
+
+// recordWhileReplaying records the busy guest into w (flushing every
+// flushEvery, closing w with closeW once the log ends) while a second
+// machine replays it, on its own goroutine, through the replayer that
+// newReplayer opens on the same log; the replay must end in the
+// recording's state.
+func recordWhileReplaying(t *testing.T, w io.Writer, flushEvery time.Duration, closeW func(), newReplayer func() (*ft.Replayer, func(), error)) {
+	t.Helper()
+	rec, err := ft.NewRecorder(w, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec.FlushEvery = 5 * time.Millisecond
+	rec.FlushEvery = flushEvery
 	src := newMachine(t, rec, nil)
-	stopWaiting := make(chan struct{})
-	defer close(stopWaiting)
 	type result struct {
 		stop   machine.Stop
 		digest [32]byte
@@ -360,17 +328,12 @@ func TestFollowFile(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		in, err := os.Open(path)
+		rep, release, err := newReplayer()
 		if err != nil {
 			done <- result{err: err}
 			return
 		}
-		defer in.Close()
-		rep, err := ft.NewFollowingReplayer(in, time.Millisecond, stopWaiting)
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
+		defer release()
 		m := newMachine(t, rep, nil)
 		stop, err := m.Run(context.Background())
 		if err == nil {
@@ -382,7 +345,7 @@ func TestFollowFile(t *testing.T) {
 	go func() {
 		for i := 0; i < 20; i++ {
 			time.Sleep(2 * time.Millisecond)
-			src.DeliverSerial([]byte{byte('0' + i)})
+			src.DeliverSerial([]byte{byte('A' + i)})
 		}
 	}()
 	stop, err := src.Run(context.Background())
@@ -392,16 +355,17 @@ func TestFollowFile(t *testing.T) {
 	if err := rec.Finish(src); err != nil {
 		t.Fatal(err)
 	}
+	closeW()
 	want, _ := src.Digest()
 	select {
 	case r := <-done:
 		if r.err != nil {
-			t.Fatalf("following replay: %v", r.err)
+			t.Fatalf("replay during the recording: %v", r.err)
 		}
 		if r.stop != stop || r.digest != want {
-			t.Fatalf("following replay stopped with %v, recording with %v", r.stop, stop)
+			t.Fatalf("replay stopped with %v, recording with %v (digests %x, %x)", r.stop, stop, r.digest[:8], want[:8])
 		}
 	case <-time.After(60 * time.Second):
-		t.Fatal("the following replay did not finish")
+		t.Fatal("the replay did not finish")
 	}
 }
