@@ -3,6 +3,7 @@ package machine_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -265,5 +266,36 @@ user:
 	}
 	if _, err := a.Take(); err == nil {
 		t.Error("Take on a closed set succeeded")
+	}
+}
+
+// nopJournal is a machine.Journal that delivers nothing but the time.
+type nopJournal struct{}
+
+func (nopJournal) Deliver(p machine.Position, halted bool, live func() []machine.Input) ([]machine.Input, error) {
+	return live(), nil
+}
+func (nopJournal) Injected(machine.Position, uint8) error { return nil }
+func (nopJournal) WindowRequested(machine.Position) error { return nil }
+
+// TestJournalCmdline: under a journal the guest kernel is kept off the TSC
+// and still told about its virtio devices and the user's words.
+func TestJournalCmdline(t *testing.T) {
+	g := newGuest(t, "_start:\n hlt\n", machine.Config{Journal: nopJournal{}}, tinyguest.Options{})
+	disk, _ := newDisk(t, 512)
+	if _, err := g.m.AddVirtio("disk", disk); err != nil {
+		t.Fatal(err)
+	}
+	line := g.m.KernelCmdline("extra=1")
+	for _, want := range []string{"clocksource=jiffies", "nokaslr", "virtio_mmio.device=512@0xd0000000:5", "extra=1"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("%q lacks %q", line, want)
+		}
+	}
+	if !strings.Contains(line, "clearcpuid=tsc") || strings.Contains(line, "tsc_early_khz") || strings.Contains(line, "tsc=reliable") {
+		t.Errorf("%q does not keep the guest off the TSC", line)
+	}
+	if !strings.HasSuffix(line, " extra=1") {
+		t.Errorf("%q: the user's words must come last", line)
 	}
 }
