@@ -58,30 +58,27 @@ func (m *Machine) KernelCmdline(extra string) string {
 	if err != nil {
 		khz = 0
 	}
-	if m.journal != nil {
-		line := KernelCmdline(m.policy.Host, 0, "")
-		if strings.Contains(line, "clearcpuid=") {
-			line = strings.Replace(line, "clearcpuid=", "clearcpuid=tsc,", 1)
-		} else {
-			line += " clearcpuid=tsc"
-		}
-		parts := []string{line, journalCmdline}
-		if khz != 0 {
-			// No delay-loop calibration: it spins waiting for jiffies,
-			// and a guest that spins without exits gets no timer tick
-			// under a journal.
-			parts = append(parts, fmt.Sprintf("lpj=%d", uint64(khz)*10))
-		}
-		if v := m.VirtioCmdline(); v != "" {
-			parts = append(parts, v)
-		}
-		if extra = strings.TrimSpace(extra); extra != "" {
-			parts = append(parts, extra)
-		}
-		return strings.Join(parts, " ")
-	}
 	if v := m.VirtioCmdline(); v != "" {
 		extra = v + " " + extra
 	}
-	return KernelCmdline(m.policy.Host, khz, extra)
+	if m.journal == nil {
+		return KernelCmdline(m.policy.Host, khz, extra)
+	}
+	line := KernelCmdline(m.policy.Host, 0, "")
+	if strings.Contains(line, "clearcpuid=") {
+		line = strings.Replace(line, "clearcpuid=", "clearcpuid=tsc,", 1)
+	} else {
+		line += " clearcpuid=tsc"
+	}
+	parts := []string{line, journalCmdline}
+	if khz != 0 {
+		// No delay-loop calibration: it spins waiting for jiffies, and a
+		// guest that spins without exits gets no timer tick under a
+		// journal.
+		parts = append(parts, fmt.Sprintf("lpj=%d", uint64(khz)*10))
+	}
+	if extra = strings.TrimSpace(extra); extra != "" {
+		parts = append(parts, extra)
+	}
+	return strings.Join(parts, " ")
 }
