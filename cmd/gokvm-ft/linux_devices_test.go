@@ -255,7 +255,9 @@ func need(t *testing.T, tools ...string) {
 // serves them all: the first boots it and snapshots it at the shell prompt
 // into a cache outside the repo (keyed by kernel, initramfs, machine model
 // and state version, host kind and flags); the others restore it.
-var sharedGuestFlags = []string{"-mem", "256M", "-net", "tap=gk0,mac=52:54:00:12:34:56", "-append", "gokvm.ip=10.0.2.15/24,10.0.2.2"}
+const sharedGuestNet = "tap=gk0,mac=52:54:00:12:34:56"
+
+var sharedGuestFlags = []string{"-mem", "256M", "-net", sharedGuestNet, "-append", "gokvm.ip=10.0.2.15/24,10.0.2.2"}
 
 // sharedNetns makes the namespace the shared guest expects: tap gk0 with
 // the host side at 10.0.2.2/24.
@@ -403,7 +405,7 @@ func TestLinuxLiveTransfer(t *testing.T) {
 	need(t, "ip", "mkfs.ext4")
 	ns := sharedNetns(t)
 	a, disk, ctl, _ := startSharedGuest(t, ns)
-	netFlag := sharedGuestFlags[3]
+	netFlag := sharedGuestNet
 
 	c, err := ns.dial("10.0.2.15:7777", time.Minute)
 	if err != nil {
