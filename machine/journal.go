@@ -115,13 +115,7 @@ func (m *Machine) liveInputs() []Input {
 	q.devices = nil
 	q.mu.Unlock()
 	for _, d := range devs {
-		port := -1
-		for i, p := range m.inputPorts {
-			if p == d.port {
-				port = i
-			}
-		}
-		in = append(in, Input{Kind: InputDevice, Port: port, Data: d.data.Flatten()})
+		in = append(in, Input{Kind: InputDevice, Port: d.port.index, Data: d.data.Flatten()})
 		d.data.Release()
 	}
 	return in

@@ -19,6 +19,7 @@ const maxQueuedInputs = 1024
 type InputPort struct {
 	m       *Machine
 	name    string
+	index   int // in Machine.inputPorts: how a journal names the port
 	deliver func(buffer.Buffer)
 	dropped atomic.Uint64
 }
@@ -31,7 +32,7 @@ type deviceInput struct {
 // NewInputPort registers an input port named name. deliver runs on the vCPU
 // thread and takes ownership of the buffer. Register ports before Run.
 func (m *Machine) NewInputPort(name string, deliver func(buffer.Buffer)) *InputPort {
-	p := &InputPort{m: m, name: name, deliver: deliver}
+	p := &InputPort{m: m, name: name, index: len(m.inputPorts), deliver: deliver}
 	m.inputPorts = append(m.inputPorts, p)
 	return p
 }
