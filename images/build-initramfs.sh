@@ -42,6 +42,21 @@ if [ ! -f "$dir/initramfs.cpio" ]; then
 	mkdir -p "$dir.tmp/tmp"
 	cd "$here/uroot"
 	go build -trimpath -o "$dir.tmp/u-root" github.com/u-root/u-root
+	# Guest Go programs read the kernel's clock, not the TSC, for the
+	# runtime's cputicks (profiling and lock-wait timestamps), as Go does
+	# on linux/arm64: a replayed guest must not hold values that only the
+	# host's TSC produced, and user-mode RDTSC cannot be trapped on every
+	# host (see README.md, "Replay determinism"). Applied with -overlay to
+	# the guest build only.
+	mkdir -p "$dir.tmp/overlay"
+	asm=$GOROOT/src/runtime/asm_amd64.s
+	sed '/^TEXT runtime·cputicks(SB),NOSPLIT,\$0-0$/a\
+	JMP	runtime·nanotime1(SB)' "$asm" >"$dir.tmp/overlay/asm_amd64.s"
+	if [ "$(grep -c '^	JMP	runtime·nanotime1(SB)$' "$dir.tmp/overlay/asm_amd64.s")" != 1 ]; then
+		echo "initramfs: cannot find runtime·cputicks in $asm (a new Go version?)" >&2
+		exit 1
+	fi
+	printf '{"Replace":{"%s":"%s"}}\n' "$asm" "$dir.tmp/overlay/asm_amd64.s" >"$dir.tmp/overlay/overlay.json"
 	# /init (u-root init) runs /bin/uinit -> gokvm-uinit (network and
 	# counter service from the kernel command line; returns within seconds),
 	# then the default shell (gosh) on the console. Our commands come from
@@ -50,7 +65,7 @@ if [ ! -f "$dir/initramfs.cpio" ]; then
 	# plain line reader instead of its full-screen bubbletea editor, which
 	# on the lab host (guest kernel emulated) hung at random after Enter
 	# while shutting its renderer down (see README.md).
-	GOOS=linux GOARCH=amd64 "$dir.tmp/u-root" \
+	GOFLAGS="$GOFLAGS -overlay=$dir.tmp/overlay/overlay.json" GOOS=linux GOARCH=amd64 "$dir.tmp/u-root" \
 		-go-build-tags=goshsmall \
 		-o "$dir.tmp/initramfs.cpio" -format cpio -build bb \
 		-initcmd init -defaultsh gosh -uinitcmd gokvm-uinit \
