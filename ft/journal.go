@@ -16,7 +16,6 @@ func logPos(p machine.Position) ftlog.Position { return ftlog.Position{Exits: p.
 // every input, injection and window request to a log.
 type Recorder struct {
 	enc       *ftlog.Encoder
-	last      machine.Position
 	lastFlush time.Time
 	// FlushEvery bounds how long entries sit in the buffer (a backup's
 	// lag, later); 0 means 100 ms.
@@ -33,8 +32,23 @@ func NewRecorder(w io.Writer, meta []byte) (*Recorder, error) {
 	return &Recorder{enc: enc, lastFlush: time.Now()}, nil
 }
 
-// Deliver logs what the world has for the guest now and returns it.
+// Deliver logs what the world has for the guest now and returns it. Now
+// and then (FlushEvery) it flushes the log, first marking everything
+// before p as written (a Progress entry), so that a replayer following the
+// log may run up to p without waiting for an entry at every exit.
 func (r *Recorder) Deliver(p machine.Position, halted bool, live func() []machine.Input) ([]machine.Input, error) {
+	every := r.FlushEvery
+	if every == 0 {
+		every = 100 * time.Millisecond
+	}
+	flush := time.Since(r.lastFlush) > every
+	if flush && p.Exits > 0 {
+		// Entries at p may follow (these inputs, injections); none
+		// before it can any more.
+		if err := r.enc.Progress(p.Exits - 1); err != nil && !errors.Is(err, ftlog.ErrOrder) {
+			return nil, fmt.Errorf("record: %w", err)
+		}
+	}
 	in := live()
 	for _, x := range in {
 		var err error
@@ -52,19 +66,8 @@ func (r *Recorder) Deliver(p machine.Position, halted bool, live func() []machin
 			return nil, fmt.Errorf("record: %w", err)
 		}
 	}
-	r.last = p
-	every := r.FlushEvery
-	if every == 0 {
-		every = 100 * time.Millisecond
-	}
-	if time.Since(r.lastFlush) > every {
+	if flush {
 		r.lastFlush = time.Now()
-		if p.Exits > 0 {
-			// Everything before this exit is in the log.
-			if err := r.enc.Progress(p.Exits - 1); err != nil && !errors.Is(err, ftlog.ErrOrder) {
-				return nil, err
-			}
-		}
 		if err := r.enc.Flush(); err != nil {
 			return nil, fmt.Errorf("record: %w", err)
 		}
@@ -135,6 +138,9 @@ type Replayer struct {
 	follow bool
 	poll   time.Duration
 	stop   <-chan struct{}
+	// covered: the recorder wrote every entry at or before this exit
+	// (its latest Progress entry).
+	covered uint64
 	// Entries counts the log entries consumed.
 	Entries int64
 }
@@ -180,17 +186,28 @@ func (r *Replayer) wait(err error) error {
 }
 
 // peek returns the next entry that matters to delivery (progress markers
-// are skipped; a replay from a complete file does not wait for them).
-func (r *Replayer) peek() (*ftlog.Entry, error) {
+// are noted and skipped), waiting for it when following a growing log.
+func (r *Replayer) peek() (*ftlog.Entry, error) { return r.peekAt(^uint64(0)) }
+
+// peekAt is peek for a replay at exit n: when following a growing log
+// whose progress markers say nothing more is due at or before n, it
+// returns nil at once instead of waiting for the next entry. The replay
+// thus runs as far as the log covers, and blocks at the first exit
+// beyond.
+func (r *Replayer) peekAt(n uint64) (*ftlog.Entry, error) {
 	for r.next == nil {
 		e, err := r.dec.Next()
 		if err != nil {
+			if r.follow && n <= r.covered && errors.Is(err, ftlog.ErrTruncated) {
+				return nil, nil
+			}
 			if werr := r.wait(err); werr != nil {
 				return nil, fmt.Errorf("replay log: %w", werr)
 			}
 			continue
 		}
 		if e.Kind == ftlog.Progress {
+			r.covered = max(r.covered, e.Pos.Exits)
 			continue
 		}
 		r.next = &e
@@ -213,43 +230,66 @@ func (r *Replayer) at(p machine.Position, k ftlog.Kind, what string) (*ftlog.Ent
 	if err != nil {
 		return nil, err
 	}
-	if e.Kind == ftlog.Digest || e.Kind == ftlog.End {
-		if e.Pos.Exits == p.Exits && k == ftlog.ClockRead {
-			return nil, machine.ErrLogEnd
-		}
-	}
 	if e.Kind != k || e.Pos.Exits != p.Exits || e.Pos.RIP != p.RIP {
 		return nil, &DivergenceError{At: p, Want: describe(e), Detail: what}
 	}
 	return e, nil
 }
 
-// Deliver returns the inputs logged at p: one delivery group, which
-// starts with the clock reading.
+func isInput(k ftlog.Kind) bool {
+	return k == ftlog.ClockRead || k == ftlog.SerialInput || k == ftlog.Packet
+}
+
+// Deliver returns the inputs logged at p: one delivery group (a clock
+// reading, console bytes, frames, each optional; a halted guest's group
+// always starts with the clock), or none.
 func (r *Replayer) Deliver(p machine.Position, halted bool, live func() []machine.Input) ([]machine.Input, error) {
-	e, err := r.at(p, ftlog.ClockRead, "expected the clock reading of a delivery point")
+	e, err := r.peekAt(p.Exits)
 	if err != nil {
 		return nil, err
 	}
-	r.take()
-	in := []machine.Input{{Kind: machine.InputTime, Time: time.Duration(e.Value)}}
-	for {
-		e, err := r.peek()
-		if err != nil {
-			return nil, err
+	switch {
+	case e == nil || e.Pos.Exits > p.Exits:
+		if halted {
+			want := "nothing more at this exit"
+			if e != nil {
+				want = describe(e)
+			}
+			return nil, &DivergenceError{At: p, Want: want, Detail: "the guest halted here"}
 		}
-		if e.Pos.Exits != p.Exits || (e.Kind != ftlog.SerialInput && e.Kind != ftlog.Packet) {
-			break
+		return nil, nil
+	case e.Pos.Exits < p.Exits:
+		return nil, &DivergenceError{At: p, Want: describe(e), Detail: "the replay passed the log's next entry"}
+	case e.Kind == ftlog.Digest || e.Kind == ftlog.End:
+		return nil, machine.ErrLogEnd
+	case !isInput(e.Kind):
+		if halted {
+			return nil, &DivergenceError{At: p, Want: describe(e), Detail: "the guest halted here"}
+		}
+		return nil, nil // an injection at p comes after the delivery
+	case halted && e.Kind != ftlog.ClockRead:
+		return nil, &DivergenceError{At: p, Want: describe(e), Detail: "expected the clock reading of a halted guest"}
+	}
+	var in []machine.Input
+	for e != nil && e.Pos.Exits == p.Exits && isInput(e.Kind) && !(len(in) > 0 && e.Kind == ftlog.ClockRead) {
+		if e.Pos.RIP != p.RIP {
+			return nil, &DivergenceError{At: p, Want: describe(e), Detail: fmt.Sprintf("the replay is at rip %#x", p.RIP)}
 		}
 		x := r.take()
-		if x.Kind == ftlog.SerialInput {
+		switch x.Kind {
+		case ftlog.ClockRead:
+			in = append(in, machine.Input{Kind: machine.InputTime, Time: time.Duration(x.Value)})
+		case ftlog.SerialInput:
 			in = append(in, machine.Input{Kind: machine.InputSerial, Data: x.Data})
-		} else {
+		default:
 			in = append(in, machine.Input{Kind: machine.InputDevice, Port: int(x.Device), Data: x.Data})
+		}
+		if e, err = r.peekAt(p.Exits); err != nil {
+			return nil, err
 		}
 	}
 	// A recording that ended right after this delivery point.
-	if e, err := r.peek(); err == nil && (e.Kind == ftlog.Digest || e.Kind == ftlog.End) && e.Pos.Exits == p.Exits {
+	if e != nil && (e.Kind == ftlog.Digest || e.Kind == ftlog.End) && e.Pos.Exits == p.Exits {
 		return in, machine.ErrLogEnd
 	}
 	return in, nil

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/gokvm-ft/gokvm-ft/ft"
+	"github.com/gokvm-ft/gokvm-ft/ft/ftlog"
 	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 )
@@ -367,5 +368,81 @@ func recordWhileReplaying(t *testing.T, w io.Writer, flushEvery time.Duration, c
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("the replay did not finish")
+	}
+}
+
+// TestReplayerStopsWhereTheLogEnds: a replayer following a growing log
+// runs through exits that no entry names as far as the recorder's progress
+// marker covers them, and waits at the first exit beyond it until the log
+// covers that one too.
+func TestReplayerStopsWhereTheLogEnds(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "growing.ftlog")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	enc, err := ftlog.NewEncoder(f, ftlog.Header{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(enc.ClockRead(ftlog.Position{Exits: 2, RIP: 0x1000}, 0, int64(time.Millisecond)))
+	must(enc.Progress(10))
+	must(enc.Flush())
+
+	in, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	stop := make(chan struct{})
+	defer close(stop)
+	rep, err := ft.NewFollowingReplayer(in, time.Millisecond, stop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := rep.Deliver(machine.Position{Exits: 2, RIP: 0x1000}, false, nil)
+	if err != nil || len(got) != 1 || got[0].Kind != machine.InputTime || got[0].Time != time.Millisecond {
+		t.Fatalf("at exit 2: %v, %v; want the logged clock reading", got, err)
+	}
+	for n := uint64(3); n <= 10; n++ {
+		start := time.Now()
+		got, err := rep.Deliver(machine.Position{Exits: n, RIP: 0x2000}, false, nil)
+		if err != nil || len(got) != 0 {
+			t.Fatalf("at exit %d (covered): %v, %v; want nothing", n, got, err)
+		}
+		if d := time.Since(start); d > 50*time.Millisecond {
+			t.Fatalf("at exit %d (covered) the replayer waited %v", n, d)
+		}
+	}
+	done := make(chan error, 1)
+	go func() {
+		got, err := rep.Deliver(machine.Position{Exits: 11, RIP: 0x3000}, false, nil)
+		if err == nil && len(got) != 1 {
+			err = fmt.Errorf("got %v, want the clock reading logged at exit 11", got)
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("at exit 11, beyond what the log covers, the replayer went on (%v)", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	must(enc.ClockRead(ftlog.Position{Exits: 11, RIP: 0x3000}, 0, int64(2*time.Millisecond)))
+	must(enc.Progress(11))
+	must(enc.Flush())
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("at exit 11: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the replayer did not go on once the log covered exit 11")
 	}
 }

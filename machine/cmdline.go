@@ -47,8 +47,8 @@ func KernelCmdline(host HostKind, tscKHz uint32, extra string) string {
 // journalCmdline keeps a recorded or replayed guest off the host: no TSC
 // (clearcpuid=tsc: no TSC clocksource and a jiffies sched_clock, so the
 // kernel reads time only through the PIT and the log), no address-space
-// randomization. Where guest kernel code still reads the TSC (the
-// entropy pool's random_get_entropy) the log cannot follow yet.
+// randomization. The kernel's entropy pool stays off the TSC too, with
+// images/patches/0005; see images/README.md.
 const journalCmdline = "clocksource=jiffies nokaslr norandmaps random.trust_cpu=off random.trust_bootloader=off"
 
 // KernelCmdline is the command line for Linux on this machine. Under a

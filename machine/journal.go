@@ -46,13 +46,15 @@ type Input struct {
 // due while the guest runs waits for the next one, and a kick (signal) is
 // never a delivery point. Every method runs on the vCPU thread.
 type Journal interface {
-	// Deliver returns the inputs to apply at p, in order; the first is
-	// always the guest time. live gathers what the outside world has
-	// queued (a recorder logs and returns it; a replayer ignores it and
-	// returns what was logged at p). halted says the guest is in HLT: the
-	// machine calls Deliver again at the same position until an interrupt
-	// is pending. A replayer returns an error when the log says otherwise
-	// (a divergence), and ErrLogEnd once p is the log's last position.
+	// Deliver returns the inputs to apply at p, in order, often none:
+	// guest time is an input too, and moves only when it matters (see
+	// liveInputs). live gathers what the outside world has queued (a
+	// recorder logs and returns it; a replayer ignores it and returns
+	// what was logged at p). halted says the guest is in HLT: the machine
+	// calls Deliver again at the same position until an interrupt is
+	// pending, and each call returns the guest time first. A replayer
+	// returns an error when the log says otherwise (a divergence), and
+	// ErrLogEnd once p is the log's last position.
 	Deliver(p Position, halted bool, live func() []Input) ([]Input, error)
 	// Injected is told of each interrupt injected at p.
 	Injected(p Position, vector uint8) error
@@ -95,15 +97,29 @@ func (c *steppedClock) Set(t time.Duration) {
 func (c *steppedClock) SleepUntil(ctx context.Context, t time.Duration, wake <-chan struct{}) {}
 func (c *steppedClock) WakeAt(t time.Duration, f func())                                      {}
 
+// TimeQuantum is how far the host's time may run ahead of the guest's,
+// under a journal, before a deterministic exit brings the guest's up: a
+// guest that polls a device clock sees it move in steps this large at
+// most. Guest time also moves at once when a PIT edge falls due, when
+// input arrives and in HLT, so no interrupt waits for the quantum. Each
+// step is a log entry, so this bounds the log's clock traffic to about
+// 1000 entries a second.
+const TimeQuantum = time.Millisecond
+
 // liveInputs gathers what the outside world has for the guest now: the
-// host clock's time, console bytes the UART has room for, queued device
-// input. Called by a recording journal.
-func (m *Machine) liveInputs() []Input {
+// host clock's time if the guest's should move (see TimeQuantum), console
+// bytes the UART has room for, queued device input. Called by a recording
+// journal.
+func (m *Machine) liveInputs(halted bool) []Input {
 	now := m.hostClock.Now()
-	if now < m.stepped.Now() {
-		now = m.stepped.Now()
+	guest := m.stepped.Now()
+	if now < guest {
+		now = guest
 	}
-	in := []Input{{Kind: InputTime, Time: now}}
+	var in []Input
+	if halted || now-guest >= TimeQuantum || (m.hasNextDue && now >= m.nextDue) {
+		in = append(in, Input{Kind: InputTime, Time: now})
+	}
 	q := &m.inputs
 	q.mu.Lock()
 	if n := min(len(q.serial), m.UART.RxSpace()); n > 0 {
@@ -117,6 +133,10 @@ func (m *Machine) liveInputs() []Input {
 	for _, d := range devs {
 		in = append(in, Input{Kind: InputDevice, Port: d.port.index, Data: d.data.Flatten()})
 		d.data.Release()
+	}
+	if len(in) > 0 && in[0].Kind != InputTime && now > guest {
+		// Input is seen at the host's time (IRQ wait accounting).
+		in = append([]Input{{Kind: InputTime, Time: now}}, in...)
 	}
 	return in
 }
@@ -147,7 +167,7 @@ func (m *Machine) apply(in []Input) error {
 // interrupt is pending (sleeping on the host clock while recording).
 func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) error {
 	for {
-		in, err := m.journal.Deliver(p, halted, m.liveInputs)
+		in, err := m.journal.Deliver(p, halted, func() []Input { return m.liveInputs(halted) })
 		if err != nil && !errors.Is(err, ErrLogEnd) {
 			return err
 		}
@@ -155,14 +175,16 @@ func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) err
 			return aerr
 		}
 		now := m.stepped.Now()
+		prevDue, hadDue := m.nextDue, m.hasNextDue
+		m.nextDue, m.hasNextDue = m.PIT.Advance(now)
 		if m.PIC.Pending() && !m.irqPending {
-			// Due since the PIT edge if that is what raised it, else now.
+			// Due since the PIT edge if one fell due, else since now
+			// (input): what the wait statistics measure from.
 			m.irqPending, m.irqDue = true, now
-			if m.hasNextDue && m.nextDue < now {
-				m.irqDue = m.nextDue
+			if hadDue && prevDue < now {
+				m.irqDue = prevDue
 			}
 		}
-		m.nextDue, m.hasNextDue = m.PIT.Advance(now)
 		if err != nil {
 			return err // the log ends here, after these inputs
 		}
