@@ -100,6 +100,15 @@ func (r *Recorder) Finish(m *machine.Machine) error {
 	if err := r.enc.Digest(logPos(p), d); err != nil {
 		return err
 	}
+	// Where a replay that ends with another digest differs.
+	sum, err := m.Summary()
+	if err != nil {
+		return err
+	}
+	b, _ := sum.MarshalBinary()
+	if err := r.enc.Opaque(logPos(p), 0, summaryName, b); err != nil {
+		return err
+	}
 	return r.enc.End(logPos(p))
 }
 
@@ -336,15 +345,32 @@ func (r *Replayer) Verify(m *machine.Machine) error {
 		return err
 	}
 	if d != e.Digest {
-		return &DivergenceError{At: p, Want: fmt.Sprintf("state digest %x", e.Digest[:8]), Detail: fmt.Sprintf("the replay's state digest is %x", d[:8])}
+		err := &DivergenceError{At: p, Want: fmt.Sprintf("state digest %x", e.Digest[:8]), Detail: fmt.Sprintf("the replay's state digest is %x", d[:8])}
+		r.take()
+		if s, serr := r.peek(); serr == nil && s.Kind == ftlog.Opaque && s.Name == summaryName {
+			var want machine.StateSummary
+			if uerr := want.UnmarshalBinary(s.Data); uerr != nil {
+				err.Detail += fmt.Sprintf(" (the log's state summary is bad: %v)", uerr)
+			} else if got, gerr := m.Summary(); gerr == nil {
+				err.Detail += ": " + got.Diff(&want)
+			}
+		}
+		return err
 	}
 	r.take()
+	if e, err := r.peek(); err == nil && e.Kind == ftlog.Opaque && e.Name == summaryName {
+		r.take()
+	}
 	if e, err := r.peek(); err != nil || e.Kind != ftlog.End {
 		return fmt.Errorf("replay log: no End after the final digest (%v)", err)
 	}
 	r.take()
 	return nil
 }
+
+// summaryName names the Opaque entry after the final digest that holds
+// the recording's machine.StateSummary.
+const summaryName = "state-summary"
 
 // configName names the Opaque entry that carries the recorded machine's
 // configuration, first in the log.

@@ -2,8 +2,6 @@ package machine
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
@@ -204,29 +202,4 @@ func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) err
 			}
 		}
 	}
-}
-
-// Digest is a SHA-256 of the guest-visible state: general registers, the
-// segment and control registers that matter, and all of memory. Recorder
-// and replayer compare it to prove they reached the same state.
-func (m *Machine) Digest() ([32]byte, error) {
-	if err := m.completeExit(); err != nil {
-		return [32]byte{}, err
-	}
-	r, err := m.cpu.GetRegs()
-	if err != nil {
-		return [32]byte{}, err
-	}
-	s, err := m.cpu.GetSregs()
-	if err != nil {
-		return [32]byte{}, err
-	}
-	h := sha256.New()
-	binary.Write(h, binary.LittleEndian, r)
-	binary.Write(h, binary.LittleEndian, [6]uint64{s.CR0, s.CR2, s.CR3, s.CR4, s.EFER, uint64(s.CS.Selector)})
-	mem, _ := m.mem.Slice(0, m.mem.Size())
-	h.Write(mem)
-	var d [32]byte
-	copy(d[:], h.Sum(nil))
-	return d, nil
 }
