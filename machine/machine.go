@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/gokvm-ft/gokvm-ft/kvm"
 	"github.com/gokvm-ft/gokvm-ft/machine/pic"
 	"github.com/gokvm-ft/gokvm-ft/machine/pit"
@@ -57,7 +59,19 @@ type Config struct {
 	// exits, and devices see a clock that moves only there (Clock is then
 	// the host time a recording samples).
 	Journal Journal
+	// HostCPU, when Pinned, is the host CPU the vCPU thread runs on. Where
+	// CPUID answers depend on the host CPU (the lab host reports its APIC
+	// ID in leaves 1, 0xb and 0x8000001e whatever the CPUID table says,
+	// TestProbeCPUIDAcrossHostCPUs), a recording and its replay must run
+	// on the same one: the guest reads CPUID without an exit we could log.
+	HostCPU HostCPU
 	Logger  *slog.Logger
+}
+
+// HostCPU names a host CPU to pin a vCPU thread to.
+type HostCPU struct {
+	Pinned bool
+	CPU    int
 }
 
 // Exit describes one deterministic exit, for tracing and positions.
@@ -434,6 +448,13 @@ func (m *Machine) requestReset(why string) { m.requestStop(Stop{Kind: StopReset,
 func (m *Machine) Run(ctx context.Context) (Stop, error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	if m.cfg.HostCPU.Pinned {
+		unpin, err := pinThread(m.cfg.HostCPU.CPU)
+		if err != nil {
+			return Stop{}, err
+		}
+		defer unpin()
+	}
 	m.cpu.BindThread()
 	defer m.cpu.UnbindThread()
 	if m.restoreFailed {
@@ -746,4 +767,21 @@ func (m *Machine) unclaimed(space string, addr uint64, write bool) {
 	}
 	m.unknown[key] = true
 	m.log.Debug("unclaimed access", "space", space, "addr", fmt.Sprintf("%#x", addr), "write", write)
+}
+
+// pinThread keeps the calling (locked) thread on host CPU cpu until the
+// returned function puts its old affinity back.
+func pinThread(cpu int) (func(), error) {
+	var old, set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &old); err != nil {
+		return nil, fmt.Errorf("sched_getaffinity: %w", err)
+	}
+	if cpu < 0 || cpu >= len(set)*64 {
+		return nil, fmt.Errorf("host CPU %d: out of range", cpu)
+	}
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return nil, fmt.Errorf("pinning the vCPU thread to host CPU %d: %w", cpu, err)
+	}
+	return func() { unix.SchedSetaffinity(0, &old) }, nil
 }

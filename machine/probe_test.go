@@ -1,8 +1,12 @@
 package machine_test
 
 import (
+	"fmt"
+	"runtime"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
 	"github.com/gokvm-ft/gokvm-ft/machine"
@@ -68,5 +72,55 @@ vec_6:
 		t.Logf("user-mode RDRAND raised #UD (host %v)", g.m.Policy().Host)
 	default:
 		t.Fatalf("stop %v", stop)
+	}
+}
+
+// TestProbeCPUIDAcrossHostCPUs: CPUID is answered by KVM, not by us, so
+// whatever it returns is guest input the log cannot see. Run the same
+// guest on each host CPU and compare what CPUID tells user mode: a leaf
+// that reports which host CPU the vCPU ran on (an APIC ID) makes two runs
+// of one guest differ.
+func TestProbeCPUIDAcrossHostCPUs(t *testing.T) {
+	leaves := []uint32{0, 1, 4, 6, 7, 0xb, 0xd, 0x1f, 0x80000000, 0x80000001, 0x80000008, 0x8000001e}
+	src := "_start:\n" + toUser + "user:\n\tmov $0x90000, %rdi\n"
+	for _, l := range leaves {
+		src += fmt.Sprintf("\tmov $%#x, %%eax; xor %%ecx, %%ecx; cpuid\n\tmov %%eax, (%%rdi); mov %%ebx, 4(%%rdi); mov %%ecx, 8(%%rdi); mov %%edx, 12(%%rdi); add $16, %%rdi\n", l)
+	}
+	src += "\tmov $1, %eax\n" + exitWithEAX
+	n := runtime.NumCPU()
+	if n < 2 {
+		t.Skip("one host CPU")
+	}
+	var first []uint32
+	for cpu := 0; cpu < n; cpu++ {
+		got := func() []uint32 {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			var set unix.CPUSet
+			set.Set(cpu)
+			if err := unix.SchedSetaffinity(0, &set); err != nil {
+				t.Skipf("sched_setaffinity: %v", err)
+			}
+			g := newGuest(t, src, machine.Config{}, tinyguest.Options{Kernel: true})
+			g.wantExit(5*time.Second, 1)
+			var out []uint32
+			for i := range leaves {
+				for r := 0; r < 2; r++ {
+					v := g.read64(0x90000 + uint64(16*i+8*r))
+					out = append(out, uint32(v), uint32(v>>32))
+				}
+			}
+			return out
+		}()
+		if first == nil {
+			first = got
+			continue
+		}
+		for i := range got {
+			if got[i] != first[i] {
+				t.Logf("CPUID leaf %#x %s differs between host CPU 0 and %d: %#x, %#x (host %v)",
+					leaves[i/4], [4]string{"eax", "ebx", "ecx", "edx"}[i%4], cpu, first[i], got[i], machine.DetectHostKind())
+			}
+		}
 	}
 }

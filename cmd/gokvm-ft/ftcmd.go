@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"time"
 
 	"github.com/gokvm-ft/gokvm-ft/ft"
@@ -32,6 +33,9 @@ type recordedVM struct {
 	NetMAC  string `json:",omitempty"`
 	// WallTime is the RTC's time at the start: an input like any other.
 	WallTime time.Time
+	// HostCPU is the host CPU the recording's vCPU ran on, where CPUID
+	// depends on it (the replay runs there too).
+	HostCPU *int `json:",omitempty"`
 }
 
 // recording is a `gokvm-ft record` run.
@@ -42,6 +46,7 @@ type recording struct {
 	rec *ft.Recorder
 
 	wallTime time.Time
+	hostCPU  machine.HostCPU
 }
 
 func startRecording(o *options, cfg *machine.Config) (*recording, error) {
@@ -56,9 +61,14 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 		return nil, err
 	}
 	cfg.Journal = rec
+	if cfg.Host == machine.HostLabPVM && !cfg.HostCPU.Pinned {
+		// The lab host's CPUID reports the host CPU's APIC ID, which the
+		// guest reads without an exit: the replay must run on the same CPU.
+		cfg.HostCPU = machine.HostCPU{Pinned: true, CPU: 0}
+	}
 	// The RTC's starting time is an input: fix it so the log can carry it.
 	cfg.WallTime = time.Now().UTC().Truncate(time.Second)
-	r := &recording{o: o, f: f, bw: bw, rec: rec, wallTime: cfg.WallTime}
+	r := &recording{o: o, f: f, bw: bw, rec: rec, wallTime: cfg.WallTime, hostCPU: cfg.HostCPU}
 	if o.disk != "" && o.restore == "" {
 		// Replay must start from the disk as it is now, not as the
 		// recording will leave it.
@@ -77,6 +87,9 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 func (r *recording) writeConfig(m *machine.Machine) error {
 	o := r.o
 	vm := recordedVM{Mem: m.Memory().Size(), Host: m.Policy().Host.String(), DiskRO: o.diskRO, WallTime: r.wallTime}
+	if r.hostCPU.Pinned {
+		vm.HostCPU = &r.hostCPU.CPU
+	}
 	if o.restore != "" {
 		vm.Restore, _ = filepath.Abs(o.restore)
 	} else {
@@ -190,6 +203,12 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 		}
 	}
 	cfg := machine.Config{MemorySize: vm.Mem, Host: host, Console: console, Logger: log, Journal: rep, WallTime: vm.WallTime}
+	if vm.HostCPU != nil {
+		if *vm.HostCPU < 0 || *vm.HostCPU >= runtime.NumCPU() {
+			return fmt.Errorf("%s: recorded on host CPU %d, which this host does not have", logFile, *vm.HostCPU)
+		}
+		cfg.HostCPU = machine.HostCPU{Pinned: true, CPU: *vm.HostCPU}
+	}
 	var m *machine.Machine
 	var devs *devices
 	if vm.Restore != "" {

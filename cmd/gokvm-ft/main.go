@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -53,6 +54,7 @@ type options struct {
 	ftLog    string // record: the log file to write
 	cmdline  string // the exact kernel command line (replay), instead of building one
 	noTap    bool   // a virtio-net card with no tap behind it (replay)
+	hostCPU  int    // host CPU to pin the vCPU thread to, -1 for none
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -105,6 +107,7 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 	restoreDir := fs.String("restore", "", "start from the snapshot in this directory instead of booting (disk: the snapshot's copy, or -disk PATH, copied there if it does not exist)")
 	incoming := fs.String("incoming", "", "wait on this TCP address (host:port) for a live transfer, then run the guest")
 	stats := fs.Bool("stats", false, "print exit statistics (exits by reason and port, time in the guest) at exit")
+	hostCPU := fs.Int("host-cpu", -1, "pin the vCPU thread to this host CPU (-1: no pinning, except that a recording on the lab host pins to CPU 0, since its CPUID reports the host CPU)")
 	profile := fs.String("profile", "", "write a sampling profile of guest RIPs to this file at exit (kernel symbols from System.map beside -kernel)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n       gokvm-ft snapshot -control PATH DIR\n       gokvm-ft migrate -control PATH HOST:PORT\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
@@ -117,7 +120,7 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	o := &options{kernel: *kernel, initrd: *initrd, append: *appendArgs, profile: *profile, stats: *stats, disk: *disk, diskRO: *diskRO,
-		control: *control, restore: *restoreDir, incoming: *incoming}
+		control: *control, restore: *restoreDir, incoming: *incoming, hostCPU: *hostCPU}
 	var err error
 	if o.restore != "" && o.incoming != "" {
 		return nil, fmt.Errorf("-restore and -incoming exclude each other")
@@ -129,6 +132,9 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 		if o.incoming != "" {
 			return nil, fmt.Errorf("record: -incoming is not supported (record on the machine the guest starts on)")
 		}
+	}
+	if o.hostCPU < -1 || o.hostCPU >= runtime.NumCPU() {
+		return nil, fmt.Errorf("-host-cpu: %d is not a CPU of this host (0 to %d, or -1)", o.hostCPU, runtime.NumCPU()-1)
 	}
 	if o.diskRO && o.disk == "" {
 		return nil, fmt.Errorf("-disk-ro needs -disk")
@@ -182,6 +188,9 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	}
 	var prof *ripProfile
 	cfg := machine.Config{MemorySize: o.mem, Host: o.host, Console: stdout, Logger: log}
+	if o.hostCPU >= 0 {
+		cfg.HostCPU = machine.HostCPU{Pinned: true, CPU: o.hostCPU}
+	}
 	var rec *recording
 	if o.ftLog != "" {
 		if rec, err = startRecording(o, &cfg); err != nil {
