@@ -1,0 +1,137 @@
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// journalGuestSnapshot returns a snapshot of the shared guest configuration
+// booted under a journal (`gokvm-ft record`, so with the journal's kernel
+// command line: no TSC, jiffies clock) and stopped at its shell prompt,
+// with the counter service running. It is cached like the shared guest's
+// snapshot, its key also covering the journal command line's source.
+func journalGuestSnapshot(t *testing.T, ns *netns) string {
+	t.Helper()
+	kernel, initrd := linuxImages(t)
+	src, err := os.ReadFile("../../machine/cmdline.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache := snapshotCacheDir(t, kernel, initrd) + fmt.Sprintf("-journal-%x", sha256.Sum256(src))[:len("-journal-")+16]
+	if _, err := os.Stat(filepath.Join(cache, "snapshot.gkft")); err == nil {
+		return cache
+	}
+	tmp := t.TempDir()
+	disk := filepath.Join(tmp, "disk.img")
+	if err := os.WriteFile(disk, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(disk, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
+	ctl := filepath.Join(tmp, "vm.sock")
+	v := startVMM(t, ns, append([]string{"record", "-log", filepath.Join(tmp, "boot.ftlog"),
+		"-kernel", kernel, "-initrd", initrd, "-disk", disk, "-control", ctl}, sharedGuestFlags...)...)
+	pos := v.waitFor(t, "Welcome to u-root", 0, 15*time.Minute)
+	pos = v.waitFor(t, "gokvm: counter service listening", pos, 5*time.Minute)
+	v.waitFor(t, "$ ", pos, 5*time.Minute)
+	t.Logf("journal guest booted (recording) in %v", time.Since(v.start).Round(time.Millisecond))
+	tmpSnap := cache + fmt.Sprintf(".tmp%d", os.Getpid())
+	os.RemoveAll(tmpSnap)
+	if err := os.MkdirAll(filepath.Dir(cache), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runSelf("snapshot", "-control", ctl, tmpSnap); err != nil {
+		t.Fatalf("snapshot of the journal guest: %v: %s; stderr %s", err, out, v.stderr.String())
+	}
+	v.cmd.Process.Kill()
+	<-v.done
+	if err := os.Rename(tmpSnap, cache); err != nil {
+		t.Fatal(err)
+	}
+	return cache
+}
+
+// TestLinuxRecordReplay records Linux, started from a snapshot taken under
+// a journal, while it runs shell commands and serves the counter service
+// to a client over TCP, until `poweroff`; `gokvm-ft replay` of the log
+// then prints the same console output byte for byte and ends at the same
+// exit with the same state digest (registers and all of memory).
+func TestLinuxRecordReplay(t *testing.T) {
+	linuxImages(t)
+	need(t, "ip", "mkfs.ext4")
+	ns := sharedNetns(t)
+	snap := journalGuestSnapshot(t, ns)
+	tmp := t.TempDir()
+	logFile := filepath.Join(tmp, "run.ftlog")
+	v := startVMM(t, ns, append([]string{"record", "-log", logFile, "-restore", snap,
+		"-disk", filepath.Join(tmp, "disk.img")}, sharedGuestFlags...)...)
+	if _, err := io.WriteString(v.stdin, "echo restored-$((6*7))\n"); err != nil {
+		t.Fatal(err)
+	}
+	pos := v.waitFor(t, "restored-42", len("echo restored-"), 2*time.Minute)
+	pos = v.waitFor(t, "$ ", pos, 2*time.Minute)
+	t.Logf("recording: the restored shell answered after %v", time.Since(v.start).Round(time.Millisecond))
+
+	c, err := ns.dial("10.0.2.15:7777", time.Minute)
+	if err != nil {
+		t.Fatalf("TCP to the counter: %v", err)
+	}
+	r := bufio.NewReader(c)
+	last := 0
+	for i := 0; i < 10; i++ {
+		c.SetDeadline(time.Now().Add(time.Minute))
+		if _, err := fmt.Fprintf(c, "next\n"); err != nil {
+			t.Fatal(err)
+		}
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("counter reply %d: %v", i+1, err)
+		}
+		var n int
+		if _, err := fmt.Sscan(line, &n); err != nil || (last != 0 && n != last+1) {
+			t.Fatalf("counter reply %q after %d", line, last)
+		}
+		last = n
+	}
+	c.Close()
+	pos = v.shell(t, "ls /bin | wc -l; echo sum-$((20+22))", "sum-42", pos)
+	pos = v.shell(t, "cat /proc/uptime; echo listed-$((3*5))", "listed-15", pos)
+	v.powerOff(t, pos)
+	recorded := time.Since(v.start)
+	recConsole := v.console.String()
+	st, err := os.Stat(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("recorded %v: %d counter replies, log %d bytes (%.1f KiB/s); %s", recorded.Round(time.Millisecond),
+		last, st.Size(), float64(st.Size())/1024/recorded.Seconds(), strings.TrimSpace(v.stderr.String()))
+
+	rp := startVMM(t, nil, "replay", "-log", logFile)
+	select {
+	case code := <-rp.done:
+		if code != 0 {
+			t.Fatalf("replay: exit status %d: %s", code, rp.stderr.String())
+		}
+	case <-time.After(15 * time.Minute):
+		t.Fatalf("replay did not end; stderr %s", rp.stderr.String())
+	}
+	t.Logf("replayed in %v: %s", time.Since(rp.start).Round(time.Millisecond), strings.TrimSpace(rp.stderr.String()))
+	if got := rp.console.String(); got != recConsole {
+		t.Fatalf("replay console output differs from the recording's:\nrecorded %q\nreplayed %q", recConsole, got)
+	}
+	if !strings.Contains(rp.stderr.String(), "same state digest") {
+		t.Fatalf("replay did not report the same state digest: %s", rp.stderr.String())
+	}
+}
