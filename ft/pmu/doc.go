@@ -1,0 +1,35 @@
+// Package pmu is the PMU position source: it names an exact point in the
+// guest's instruction stream by the number of conditional branches the
+// guest has retired (counted by a hardware performance counter in guest
+// mode only), the RIP, and RCX (which tells the iterations of one REP
+// instruction apart), and it brings a replaying guest to such a point.
+// This is rr's method, and VMware FT's: with it an asynchronous event (an
+// interrupt, a kick's state delta) can be delivered anywhere, not only at
+// the next deterministic exit.
+//
+// Recording reads the position where a kick stopped the guest (Current).
+// Replay goes to it (Seeker.Seek): the counter's overflow interrupt stops
+// the guest a little before the target (it lands imprecisely, up to a skid
+// after the armed count), then a hardware breakpoint on the target's RIP
+// stops it at each visit until the branch count matches, then single
+// steps walk a REP instruction to the target's RCX.
+//
+// The counter, the breakpoints and single-stepping are reached through two
+// small interfaces, Counter and Stepper, so that the algorithm is tested
+// against a simulated guest; the real ones sit on kvm.PerfCounter and
+// KVM_SET_GUEST_DEBUG.
+//
+// Everything here is off unless Probe says the host can do it: a host
+// without a PMU (most VMs), one whose counter is inexact, or one where
+// guest debugging is accepted but does nothing, gets exits-only positions.
+// Probe checks that the counter opens, that single steps and breakpoints
+// really stop the guest, and that a guest loop of known length, with VM
+// exits inside, counts exactly in every one of several runs.
+//
+// Known limits: a loop made only of unconditional jumps repeats positions
+// (no conditional branch retires), so a target inside one is ambiguous;
+// the seeker stops at the first match. Instructions KVM emulates in
+// software retire no branch on the hardware; that is deterministic on
+// both sides as long as both emulate the same. Walking a long REP
+// instruction to its target costs one single step per iteration.
+package pmu
