@@ -44,20 +44,25 @@ type Input struct {
 // due while the guest runs waits for the next one, and a kick (signal) is
 // never a delivery point. Every method runs on the vCPU thread.
 type Journal interface {
-	// Deliver returns the inputs to apply at p, in order, often none:
-	// guest time is an input too, and moves only when it matters (see
-	// liveInputs). live gathers what the outside world has queued (a
-	// recorder logs and returns it; a replayer ignores it and returns
-	// what was logged at p). halted says the guest is in HLT: the machine
-	// calls Deliver again at the same position until an interrupt is
-	// pending, and each call returns the guest time first. A replayer
-	// returns an error when the log says otherwise (a divergence), and
-	// ErrLogEnd once p is the log's last position.
+	// Deliver returns the inputs to apply at p, in order, often none;
+	// when there are any, the first is the guest time, which moves only
+	// when it matters (see liveInputs). live gathers what the outside
+	// world has queued (a recorder logs and returns it; a replayer
+	// ignores it and returns what was logged at p). halted says the guest
+	// is in HLT: the machine calls Deliver again at the same position
+	// until an interrupt is pending (a replayer must then have a delivery
+	// logged there). A replayer returns an error when the log says
+	// otherwise (a divergence), and ErrLogEnd once p is the log's last
+	// position.
 	Deliver(p Position, halted bool, live func() []Input) ([]Input, error)
 	// Injected is told of each interrupt injected at p.
 	Injected(p Position, vector uint8) error
 	// WindowRequested is told of each interrupt-window request at p.
 	WindowRequested(p Position) error
+	// Live reports whether the inputs come from the outside world (a
+	// recorder): a halted guest then waits for them in host time. A
+	// replayer's come from the log, so the machine asks at once again.
+	Live() bool
 }
 
 // ErrLogEnd is a replay journal's answer at the log's last position: the
@@ -115,7 +120,7 @@ func (m *Machine) liveInputs(halted bool) []Input {
 		now = guest
 	}
 	var in []Input
-	if halted || now-guest >= TimeQuantum || (m.hasNextDue && now >= m.nextDue) {
+	if now-guest >= TimeQuantum || (m.hasNextDue && now >= m.nextDue) {
 		in = append(in, Input{Kind: InputTime, Time: now})
 	}
 	q := &m.inputs
@@ -132,8 +137,10 @@ func (m *Machine) liveInputs(halted bool) []Input {
 		in = append(in, Input{Kind: InputDevice, Port: d.port.index, Data: d.data.Flatten()})
 		d.data.Release()
 	}
-	if len(in) > 0 && in[0].Kind != InputTime && now > guest {
-		// Input is seen at the host's time (IRQ wait accounting).
+	if len(in) > 0 && in[0].Kind != InputTime {
+		// Every delivery with inputs starts with the time: it marks
+		// where one ends in a log, and input is seen at the host's time
+		// (IRQ wait accounting).
 		in = append([]Input{{Kind: InputTime, Time: now}}, in...)
 	}
 	return in
@@ -191,6 +198,14 @@ func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) err
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if !m.journal.Live() {
+			if len(in) == 0 {
+				// The recording did not halt here with nothing pending:
+				// it would have logged what woke it.
+				return fmt.Errorf("replay diverged at %v: the guest halted with no interrupt pending, and the log has nothing more for it here", p)
+			}
+			continue // the log has the next delivery here
 		}
 		// Halted with nothing pending: wait for the PIT or for input.
 		if m.hasNextDue {

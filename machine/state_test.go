@@ -277,6 +277,7 @@ func (nopJournal) Deliver(p machine.Position, halted bool, live func() []machine
 }
 func (nopJournal) Injected(machine.Position, uint8) error { return nil }
 func (nopJournal) WindowRequested(machine.Position) error { return nil }
+func (nopJournal) Live() bool                             { return true }
 
 // TestJournalCmdline: under a journal the guest kernel is kept off the TSC
 // and still told about its virtio devices and the user's words.

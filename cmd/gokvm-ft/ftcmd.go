@@ -42,7 +42,6 @@ type recordedVM struct {
 type recording struct {
 	o   *options
 	f   *os.File
-	bw  *bufio.Writer
 	rec *ft.Recorder
 
 	wallTime time.Time
@@ -54,8 +53,9 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 	if err != nil {
 		return nil, err
 	}
-	bw := bufio.NewWriterSize(f, 1<<20)
-	rec, err := ft.NewRecorder(bw, nil)
+	// No buffer of ours: the recorder's own is flushed every FlushEvery,
+	// so a replay can follow the file as it grows.
+	rec, err := ft.NewRecorder(f, nil)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -68,7 +68,7 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 	}
 	// The RTC's starting time is an input: fix it so the log can carry it.
 	cfg.WallTime = time.Now().UTC().Truncate(time.Second)
-	r := &recording{o: o, f: f, bw: bw, rec: rec, wallTime: cfg.WallTime, hostCPU: cfg.HostCPU}
+	r := &recording{o: o, f: f, rec: rec, wallTime: cfg.WallTime, hostCPU: cfg.HostCPU}
 	if o.disk != "" && o.restore == "" {
 		// Replay must start from the disk as it is now, not as the
 		// recording will leave it.
@@ -116,9 +116,6 @@ func (r *recording) finish(m *machine.Machine, stderr io.Writer) error {
 	if err := r.rec.Finish(m); err != nil {
 		return err
 	}
-	if err := r.bw.Flush(); err != nil {
-		return err
-	}
 	if err := r.f.Sync(); err != nil {
 		return err
 	}
@@ -126,7 +123,7 @@ func (r *recording) finish(m *machine.Machine, stderr io.Writer) error {
 	return nil
 }
 
-func (r *recording) close() { r.bw.Flush(); r.f.Close() }
+func (r *recording) close() { r.rec.Flush(); r.f.Close() }
 
 // runReplay is `gokvm-ft replay -log FILE [-verify]`.
 func runReplay(args []string, stdout, stderr io.Writer) int {

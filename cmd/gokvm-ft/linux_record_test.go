@@ -63,31 +63,18 @@ func journalGuestSnapshot(t *testing.T, ns *netns) string {
 	return cache
 }
 
-// TestLinuxRecordReplay records Linux, started from a snapshot taken under
-// a journal, while it runs shell commands and serves the counter service
-// to a client over TCP, until `poweroff`; `gokvm-ft replay` of the log
-// then prints the same console output byte for byte and ends at the same
-// exit with the same state digest (registers and all of memory).
-func TestLinuxRecordReplay(t *testing.T) {
-	linuxImages(t)
-	need(t, "ip", "mkfs.ext4")
-	ns := sharedNetns(t)
-	snap := journalGuestSnapshot(t, ns)
-	tmp := t.TempDir()
-	logFile := filepath.Join(tmp, "run.ftlog")
-	v := startVMM(t, ns, append([]string{"record", "-log", logFile, "-restore", snap,
-		"-disk", filepath.Join(tmp, "disk.img")}, sharedGuestFlags...)...)
-	if _, err := io.WriteString(v.stdin, "echo restored-$((6*7))\n"); err != nil {
-		t.Fatal(err)
-	}
-	pos := v.waitFor(t, "restored-42", len("echo restored-"), 2*time.Minute)
-	pos = v.waitFor(t, "$ ", pos, 2*time.Minute)
-	t.Logf("recording: the restored shell answered after %v", time.Since(v.start).Round(time.Millisecond))
-
+// linuxWorkload is what TestLinuxRecordReplay records: ten requests to
+// the counter service over one TCP connection from the test's namespace,
+// then two shell commands. It returns the console position and how long
+// the workload took.
+func linuxWorkload(t *testing.T, v *vmm, ns *netns, pos int) (int, time.Duration) {
+	t.Helper()
+	start := time.Now()
 	c, err := ns.dial("10.0.2.15:7777", time.Minute)
 	if err != nil {
 		t.Fatalf("TCP to the counter: %v", err)
 	}
+	defer c.Close()
 	r := bufio.NewReader(c)
 	last := 0
 	for i := 0; i < 10; i++ {
@@ -105,18 +92,72 @@ func TestLinuxRecordReplay(t *testing.T) {
 		}
 		last = n
 	}
-	c.Close()
 	pos = v.shell(t, "ls /bin | wc -l; echo sum-$((20+22))", "sum-42", pos)
 	pos = v.shell(t, "cat /proc/uptime; echo listed-$((3*5))", "listed-15", pos)
+	return pos, time.Since(start)
+}
+
+// restoreJournalGuest starts the journal guest from snap (under `record
+// -log logFile` if logFile is set) and waits for its shell to answer.
+func restoreJournalGuest(t *testing.T, ns *netns, snap, logFile string, extra ...string) (*vmm, int) {
+	t.Helper()
+	args := []string{"-restore", snap, "-disk", filepath.Join(t.TempDir(), "disk.img")}
+	if logFile != "" {
+		args = append([]string{"record", "-log", logFile}, args...)
+	}
+	v := startVMM(t, ns, append(append(args, extra...), sharedGuestFlags...)...)
+	if _, err := io.WriteString(v.stdin, "echo restored-$((6*7))\n"); err != nil {
+		t.Fatal(err)
+	}
+	pos := v.waitFor(t, "restored-42", len("echo restored-"), 2*time.Minute)
+	return v, v.waitFor(t, "$ ", pos, 2*time.Minute)
+}
+
+// TestLinuxRecordReplay records Linux, started from a snapshot taken under
+// a journal, while it serves the counter service to a client over TCP and
+// runs shell commands, then idles, until `poweroff`; `gokvm-ft replay` of
+// the log then prints the same console output byte for byte and ends at
+// the same exit with the same state digest (registers and all of memory).
+// The same workload run without recording, from the same snapshot, gives
+// the recording overhead (logged, with the log's rate busy and idle).
+func TestLinuxRecordReplay(t *testing.T) {
+	linuxImages(t)
+	need(t, "ip", "mkfs.ext4")
+	ns := sharedNetns(t)
+	snap := journalGuestSnapshot(t, ns)
+
+	plain, pos := restoreJournalGuest(t, ns, snap, "")
+	pos, plainTook := linuxWorkload(t, plain, ns, pos)
+	plain.powerOff(t, pos)
+
+	logFile := filepath.Join(t.TempDir(), "run.ftlog")
+	v, pos := restoreJournalGuest(t, ns, snap, logFile, "-stats")
+	size := func() int64 {
+		st, err := os.Stat(logFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Size()
+	}
+	before := size()
+	pos, recTook := linuxWorkload(t, v, ns, pos)
+	busy := size() - before
+	time.Sleep(200 * time.Millisecond) // the recorder's flush interval
+	before = size()
+	const idle = 5 * time.Second
+	time.Sleep(idle)
+	idleBytes := size() - before
 	v.powerOff(t, pos)
 	recorded := time.Since(v.start)
 	recConsole := v.console.String()
-	st, err := os.Stat(logFile)
-	if err != nil {
-		t.Fatal(err)
+	t.Logf("workload (10 counter requests, 2 shell commands): plain %v, recording %v: ratio %.2f",
+		plainTook.Round(time.Millisecond), recTook.Round(time.Millisecond), recTook.Seconds()/plainTook.Seconds())
+	t.Logf("log: %d bytes in all; busy %.1f KiB/s, idle %.2f KiB/s", size(), float64(busy)/1024/recTook.Seconds(), float64(idleBytes)/1024/idle.Seconds())
+	for _, line := range strings.Split(v.stderr.String(), "\n") {
+		if strings.Contains(line, "interrupt waits") || strings.Contains(line, "recorded") {
+			t.Log(strings.TrimSpace(line))
+		}
 	}
-	t.Logf("recorded %v: %d counter replies, log %d bytes (%.1f KiB/s); %s", recorded.Round(time.Millisecond),
-		last, st.Size(), float64(st.Size())/1024/recorded.Seconds(), strings.TrimSpace(v.stderr.String()))
 
 	rp := startVMM(t, nil, "replay", "-log", logFile)
 	select {
@@ -127,7 +168,7 @@ func TestLinuxRecordReplay(t *testing.T) {
 	case <-time.After(15 * time.Minute):
 		t.Fatalf("replay did not end; stderr %s", rp.stderr.String())
 	}
-	t.Logf("replayed in %v: %s", time.Since(rp.start).Round(time.Millisecond), strings.TrimSpace(rp.stderr.String()))
+	t.Logf("replayed in %v (recording: %v): %s", time.Since(rp.start).Round(time.Millisecond), recorded.Round(time.Millisecond), strings.TrimSpace(rp.stderr.String()))
 	if got := rp.console.String(); got != recConsole {
 		t.Fatalf("replay console output differs from the recording's:\nrecorded %q\nreplayed %q", recConsole, got)
 	}
