@@ -16,6 +16,7 @@ import (
 
 	"github.com/gokvm-ft/gokvm-ft/ft"
 	"github.com/gokvm-ft/gokvm-ft/ft/ftlog"
+	"github.com/gokvm-ft/gokvm-ft/internal/benchutil"
 	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 )
@@ -100,6 +101,11 @@ func TestMain(m *testing.M) {
 }
 
 func newMachine(t *testing.T, j machine.Journal, console *bytes.Buffer) *machine.Machine {
+	t.Helper()
+	return newMachineFor(t, prog, j, console)
+}
+
+func newMachineFor(t *testing.T, prog *tinyguest.Program, j machine.Journal, console *bytes.Buffer) *machine.Machine {
 	t.Helper()
 	if _, err := os.Stat("/dev/kvm"); err != nil {
 		t.Skip("no /dev/kvm")
@@ -445,4 +451,131 @@ func TestReplayerStopsWhereTheLogEnds(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the replayer did not go on once the log covered exit 11")
 	}
+}
+
+// workGuest does a fixed amount of work, whatever the host's speed: a
+// user-mode count to 4M with a PIT counter latch and read (three port
+// exits) every 1024 counts, while the PIT ticks at 1 kHz into a handler
+// that counts.
+var workGuest = `
+_start:
+` + tinyguest.PICInit(0xfe) + `
+	mov $0x34, %al; out %al, $0x43
+	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+` + tinyguest.ToUser + `
+user:
+	incq 0x90000
+	mov 0x90000, %rax
+	test $0x3ff, %rax
+	jnz user
+	xor %eax, %eax
+	out %al, $0x43
+	in $0x40, %al
+	in $0x40, %al
+	cmpq $0x400000, 0x90000
+	jb user
+	mov $1, %eax
+` + tinyguest.ExitWithEAX + `
+vec_32:
+	push %rax
+	incq 0x90008
+	mov $0x20, %al
+	out %al, $0x20
+	pop %rax
+	iretq
+`
+
+// idleGuest halts with the PIT ticking at 1 kHz until 200 ticks came.
+var idleGuest = `
+_start:
+` + tinyguest.PICInit(0xfe) + `
+	mov $0x34, %al; out %al, $0x43
+	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+	sti
+1:	hlt
+	cmpq $200, 0x90008
+	jb 1b
+	mov $1, %eax
+` + tinyguest.ExitWithEAX + `
+vec_32:
+	push %rax
+	incq 0x90008
+	mov $0x20, %al
+	out %al, $0x20
+	pop %rax
+	iretq
+`
+
+// TestRecordingOverhead measures (and logs: the figures are in
+// BENCHMARKS.md) what recording costs a tiny guest doing fixed work, plain
+// and recorded alternately, and how fast the log grows busy and idle. It
+// checks only that every recording replays.
+func TestRecordingOverhead(t *testing.T) {
+	work, err := tinyguest.Assemble(t.TempDir(), workGuest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle, err := tinyguest.Assemble(t.TempDir(), idleGuest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := func(p *tinyguest.Program, record bool) (time.Duration, []byte, machine.ExitStats) {
+		t.Helper()
+		var log bytes.Buffer
+		var j machine.Journal
+		if record {
+			rec, err := ft.NewRecorder(&log, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			j = rec
+		}
+		m := newMachineFor(t, p, j, nil)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		start := time.Now()
+		stop, err := m.Run(ctx)
+		took := time.Since(start)
+		if err != nil || stop.Kind != machine.StopTestExit || stop.Code != 1 {
+			t.Fatalf("stopped with %v, %v", stop, err)
+		}
+		if record {
+			if err := j.(*ft.Recorder).Finish(m); err != nil {
+				t.Fatal(err)
+			}
+			rep, err := ft.NewReplayer(bytes.NewReader(log.Bytes()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := newMachineFor(t, p, rep, nil)
+			if rstop, err := r.Run(ctx); err != nil || rstop != stop {
+				t.Fatalf("replay stopped with %v, %v; recording with %v", rstop, err, stop)
+			}
+			if err := rep.Verify(r); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return took, log.Bytes(), m.Stats()
+	}
+	rounds := 5
+	if testing.Short() {
+		rounds = 1
+	}
+	var plain, rec []time.Duration
+	var logBytes int
+	var st machine.ExitStats
+	for i := 0; i < rounds; i++ {
+		d, _, _ := run(work, false)
+		plain = append(plain, d)
+		d, log, s := run(work, true)
+		rec = append(rec, d)
+		logBytes, st = len(log), s
+	}
+	mp, mr := benchutil.Median(plain), benchutil.Median(rec)
+	t.Logf("fixed work (4M user-mode counts, 12288 port exits, PIT 1 kHz), median of %d: plain %v, recording %v: ratio %.2f; log %d bytes (%.1f KiB/s); %d interrupts waited %v on average, %v at most",
+		rounds, mp.Round(time.Microsecond), mr.Round(time.Microsecond), mr.Seconds()/mp.Seconds(), logBytes, float64(logBytes)/1024/mr.Seconds(),
+		st.IRQWaits, st.IRQWaitTotal/time.Duration(max(st.IRQWaits, 1)), st.IRQWaitMax)
+	d, log, st := run(idle, true)
+	t.Logf("idle (HLT, PIT 1 kHz, 200 ticks): %v, log %d bytes (%.1f KiB/s); %d interrupts waited %v on average, %v at most",
+		d.Round(time.Millisecond), len(log), float64(len(log))/1024/d.Seconds(), st.IRQWaits, st.IRQWaitTotal/time.Duration(max(st.IRQWaits, 1)), st.IRQWaitMax)
 }
