@@ -80,6 +80,18 @@ func (r *Recorder) Injected(p machine.Position, vector uint8) error {
 	return r.enc.Interrupt(logPos(p), vector)
 }
 
+// Sync logs a sync point: a state delta or a digest check.
+func (r *Recorder) Sync(sp *machine.SyncPoint) error {
+	b, err := sp.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	return r.enc.StateDelta(logPos(sp.Pos), b)
+}
+
+// NextSync is nil for a recorder: it makes the sync points.
+func (r *Recorder) NextSync(uint64, bool) (*machine.SyncPoint, error) { return nil, nil }
+
 // Live is true: a recorder's inputs come from the outside world.
 func (r *Recorder) Live() bool { return true }
 
@@ -311,6 +323,30 @@ func (r *Replayer) Injected(p machine.Position, vector uint8) error {
 	}
 	r.take()
 	return nil
+}
+
+// Sync is an error for a replayer: sync points come from the log.
+func (r *Replayer) Sync(*machine.SyncPoint) error {
+	return errors.New("replay: the machine made a sync point")
+}
+
+// NextSync returns the sync point logged next if it is of the kind asked
+// for and after exit n, and consumes it.
+func (r *Replayer) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
+	e, err := r.peekAt(n)
+	if err != nil || e == nil || e.Kind != ftlog.StateDelta || e.Pos.Exits != n {
+		return nil, err
+	}
+	sp := &machine.SyncPoint{}
+	if err := sp.UnmarshalBinary(e.Data); err != nil {
+		return nil, fmt.Errorf("replay log: %s: %w", describe(e), err)
+	}
+	if sp.Delta != delta {
+		return nil, nil
+	}
+	r.take()
+	sp.Pos = machine.Position{Exits: e.Pos.Exits, RIP: e.Pos.RIP}
+	return sp, nil
 }
 
 // Live is false: a replayer's inputs come from the log, without waiting

@@ -24,6 +24,14 @@ func (q *inputQueue) init() {
 	q.wake = make(chan struct{}, 1)
 }
 
+// pending reports whether input waits that the guest could take now (the
+// UART having room for serialRoom more bytes).
+func (q *inputQueue) pending(serialRoom int) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.devices) > 0 || (len(q.serial) > 0 && serialRoom > 0)
+}
+
 func (q *inputQueue) nudge() {
 	select {
 	case q.wake <- struct{}{}:

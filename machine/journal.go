@@ -63,6 +63,12 @@ type Journal interface {
 	// recorder): a halted guest then waits for them in host time. A
 	// replayer's come from the log, so the machine asks at once again.
 	Live() bool
+	// Sync logs a sync point (a recorder; see SyncPoint).
+	Sync(sp *SyncPoint) error
+	// NextSync returns the sync point the log has next, if it is a delta
+	// (delta) or a check (!delta) after exit n, and consumes it; else nil.
+	// A recorder returns nil.
+	NextSync(n uint64, delta bool) (*SyncPoint, error)
 }
 
 // ErrLogEnd is a replay journal's answer at the log's last position: the

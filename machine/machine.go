@@ -59,6 +59,17 @@ type Config struct {
 	// exits, and devices see a clock that moves only there (Clock is then
 	// the host time a recording samples).
 	Journal Journal
+	// SyncPoints turns on sync points under a journal (see SyncPoint):
+	// dirty tracking and an incremental memory hash from the start of the
+	// first run. A replay must have it if the recording had.
+	SyncPoints bool
+	// DeltaAfter (recording with SyncPoints) bounds how long a due
+	// interrupt waits for a deterministic exit before the guest is kicked
+	// out and given it with a state delta; 0 means it waits for the exit.
+	DeltaAfter time.Duration
+	// DigestEvery (recording with SyncPoints) is how often a digest check
+	// goes into the log at a deterministic exit; 0 means never.
+	DigestEvery time.Duration
 	// HostCPU, when Pinned, is the host CPU the vCPU thread runs on. Where
 	// CPUID answers depend on the host CPU (the lab host reports its APIC
 	// ID in leaves 1, 0xb and 0x8000001e whatever the CPUID table says,
@@ -174,6 +185,7 @@ type Machine struct {
 	journal   Journal
 	stepped   *steppedClock // the devices' clock under a journal
 	hostClock Clock         // the host's time under a journal
+	sync      *syncState    // sync points under a journal (Config.SyncPoints)
 
 	// Interrupt wait accounting under a journal (ExitStats.IRQWait*).
 	irqPending, hasNextDue bool
@@ -213,6 +225,9 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.Journal != nil {
 		m.journal, m.hostClock, m.stepped = cfg.Journal, cfg.Clock, &steppedClock{}
 		m.clock = m.stepped
+		if cfg.SyncPoints {
+			m.sync = &syncState{}
+		}
 	}
 	if err := m.create(); err != nil {
 		m.Close()
@@ -481,6 +496,13 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		}
 		pos = Position{Exits: m.exits, RIP: regs.RIP}
 	}
+	if m.sync != nil {
+		if err := m.syncInit(); err != nil {
+			return Stop{}, err
+		}
+		defer m.disarmDelta()
+	}
+	recordDeltas := m.sync != nil && j.Live() && m.cfg.DeltaAfter > 0
 	for {
 		if m.stop != nil {
 			return *m.stop, nil
@@ -515,14 +537,41 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 					return Stop{}, err
 				}
 				vector = v
+				if m.sync != nil && !j.Live() && m.stop == nil {
+					// A replay takes a state delta logged here instead of
+					// running the guest to where the recording took it.
+					sp, err := j.NextSync(pos.Exits, true)
+					if err != nil {
+						return Stop{}, fmt.Errorf("at %v: %w", pos, err)
+					}
+					if sp != nil {
+						if err := m.applyDelta(sp); err != nil {
+							return Stop{}, err
+						}
+						if vector >= 0 {
+							m.stats.Injections++
+						}
+						pos = sp.Pos
+						if err := m.journalPointAt(ctx, pos, false); err != nil {
+							return Stop{}, err
+						}
+						continue // deliver stays true: inject here next
+					}
+				}
 			}
 		}
 		deliver, stray = false, false
+		if recordDeltas {
+			m.armDelta()
+		}
 		entered := time.Now()
 		if err := m.cpu.Run(); err != nil {
 			return Stop{}, err
 		}
 		m.stats.InGuest += time.Since(entered)
+		if recordDeltas {
+			m.disarmDelta()
+		}
 		if vector >= 0 {
 			m.stats.Injections++
 		}
@@ -540,6 +589,15 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			if m.cfg.OnHostExit != nil {
 				if regs, err := m.cpu.GetRegs(); err == nil {
 					m.cfg.OnHostExit(regs.RIP)
+				}
+			}
+			if recordDeltas && m.sync.kicked.Swap(false) && m.stop == nil && ctx.Err() == nil && m.deltaDue() {
+				took, p, err := m.recordDelta(ctx)
+				if err != nil {
+					return Stop{}, err
+				}
+				if took {
+					pos, deliver = p, true
 				}
 			}
 			continue
@@ -560,6 +618,18 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 				halt = true
 			}
 		case kvm.ExitIRQWindowOpen:
+			if recordDeltas && m.sync.window {
+				// Asked for by recordDelta: where it lands does not
+				// repeat, so it is a delta point, not a counted exit.
+				took, p, err := m.recordDelta(ctx)
+				if err != nil {
+					return Stop{}, err
+				}
+				if took {
+					pos, deliver = p, true
+				}
+				continue
+			}
 			// Injection happens at the top of the loop.
 		case kvm.ExitShutdown:
 			m.requestStop(Stop{Kind: StopTripleFault, Detail: "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"})
@@ -598,17 +668,20 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		}
 		if j != nil && m.stop == nil {
 			pos = Position{Exits: m.exits, RIP: ex.RIP}
+			if m.sync != nil && m.sync.window {
+				// A delta waiting for a window: this exit delivers instead.
+				m.sync.window = false
+				m.cpu.SetRequestInterruptWindow(false)
+			}
 			halted := time.Now()
-			err := m.journalPoint(ctx, pos, halt)
+			err := m.journalPointAt(ctx, pos, halt)
 			if halt {
 				m.stats.Halted += time.Since(halted)
 			}
-			switch {
-			case errors.Is(err, ErrLogEnd):
-				m.requestStop(Stop{Kind: StopLogEnd, Detail: pos.String()})
-			case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
-				// Halted and cancelled: stop here, at the HLT exit.
-			case err != nil:
+			if err != nil {
+				return Stop{}, err
+			}
+			if err := m.syncCheck(pos); err != nil {
 				return Stop{}, fmt.Errorf("at %v: %w", pos, err)
 			}
 			deliver = true
@@ -623,6 +696,88 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 	}
 }
 
+// journalPointAt is journalPoint with the log's end and a halted guest's
+// cancellation turned into stops.
+func (m *Machine) journalPointAt(ctx context.Context, pos Position, halt bool) error {
+	err := m.journalPoint(ctx, pos, halt)
+	switch {
+	case errors.Is(err, ErrLogEnd):
+		m.requestStop(Stop{Kind: StopLogEnd, Detail: pos.String()})
+	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
+		// Halted and cancelled: stop here, at the HLT exit.
+	case err != nil:
+		return fmt.Errorf("at %v: %w", pos, err)
+	}
+	return nil
+}
+
+// syncCheck is the digest check at a deterministic exit: a recorder logs
+// one every DigestEvery, a replayer checks the one logged here.
+func (m *Machine) syncCheck(pos Position) error {
+	if m.sync == nil || m.stop != nil {
+		return nil
+	}
+	if m.journal.Live() {
+		if m.cfg.DigestEvery <= 0 || time.Since(m.sync.lastCheck) < m.cfg.DigestEvery {
+			return nil
+		}
+		m.sync.lastCheck = time.Now()
+		sp, err := m.takeSyncPoint(pos, false)
+		if err != nil {
+			return err
+		}
+		m.sync.checks++
+		return m.journal.Sync(sp)
+	}
+	sp, err := m.journal.NextSync(pos.Exits, false)
+	if err != nil || sp == nil {
+		return err
+	}
+	if sp.Pos != pos {
+		return &SyncMismatchError{Pos: pos, Detail: fmt.Sprintf("the log's check is at %v", sp.Pos)}
+	}
+	return m.checkSyncPoint(sp)
+}
+
+// recordDelta is a recorder's delta point, after a delta kick or the
+// interrupt window it asked for: if the guest can take an interrupt here,
+// the state delta goes into the log and the inputs due are delivered at
+// the delta's position (returned, for the injection); if not, it asks for
+// an interrupt window and reports no delta.
+func (m *Machine) recordDelta(ctx context.Context) (bool, Position, error) {
+	s := m.sync
+	ready, err := m.deltaReady()
+	if err != nil {
+		return false, Position{}, err
+	}
+	if !ready {
+		s.window = true
+		m.cpu.SetRequestInterruptWindow(true)
+		return false, Position{}, nil
+	}
+	s.window = false
+	m.cpu.SetRequestInterruptWindow(false)
+	regs, err := m.cpu.GetRegs()
+	if err != nil {
+		return false, Position{}, err
+	}
+	p := Position{Exits: m.exits, RIP: regs.RIP}
+	sp, err := m.takeSyncPoint(p, true)
+	if err != nil {
+		return false, Position{}, err
+	}
+	if err := m.journal.Sync(sp); err != nil {
+		return false, Position{}, err
+	}
+	s.deltas++
+	s.deltaBytes += uint64(len(sp.Data))
+	s.atDelta = true
+	if err := m.journalPointAt(ctx, p, false); err != nil {
+		return false, Position{}, err
+	}
+	return true, p, nil
+}
+
 // injectJournal is inject at a deterministic exit under a journal, which
 // is told of the injection. It never asks for an interrupt-window exit:
 // where such an exit lands is not repeatable on every host (see
@@ -630,7 +785,17 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 // next deterministic exit where it can.
 func (m *Machine) injectJournal(p Position) (int, error) {
 	m.cpu.SetRequestInterruptWindow(false)
-	if !m.PIC.Pending() || !m.cpu.ReadyForInterruptInjection() || !m.cpu.IFFlag() {
+	ready := m.cpu.ReadyForInterruptInjection() && m.cpu.IFFlag()
+	if m.sync != nil {
+		m.sync.window = false
+		if m.sync.atDelta {
+			// A delta point: the recorder took it where the guest could
+			// take an interrupt (KVM's exit flags are stale after a
+			// replay loads the delta's vCPU state).
+			ready, m.sync.atDelta = true, false
+		}
+	}
+	if !m.PIC.Pending() || !ready {
 		return -1, nil
 	}
 	v := m.PIC.Acknowledge()

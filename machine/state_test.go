@@ -275,9 +275,11 @@ type nopJournal struct{}
 func (nopJournal) Deliver(p machine.Position, halted bool, live func() []machine.Input) ([]machine.Input, error) {
 	return live(), nil
 }
-func (nopJournal) Injected(machine.Position, uint8) error { return nil }
-func (nopJournal) WindowRequested(machine.Position) error { return nil }
-func (nopJournal) Live() bool                             { return true }
+func (nopJournal) Injected(machine.Position, uint8) error            { return nil }
+func (nopJournal) WindowRequested(machine.Position) error            { return nil }
+func (nopJournal) Sync(*machine.SyncPoint) error                     { return nil }
+func (nopJournal) NextSync(uint64, bool) (*machine.SyncPoint, error) { return nil, nil }
+func (nopJournal) Live() bool                                        { return true }
 
 // TestJournalCmdline: under a journal the guest kernel is kept off the TSC
 // and still told about its virtio devices and the user's words.

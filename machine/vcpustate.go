@@ -34,7 +34,13 @@ func (m *Machine) completeExit() error {
 		return err
 	}
 	if r := m.cpu.ExitReason(); r != kvm.ExitIntr {
-		return fmt.Errorf("completing the last exit: unexpected exit %v", r)
+		regs, _ := m.cpu.GetRegs()
+		detail := ""
+		if r == kvm.ExitMMIO {
+			mm := m.cpu.MMIO()
+			detail = fmt.Sprintf(" (address %#x, %d bytes, write %v)", mm.PhysAddr, mm.Len, mm.IsWrite != 0)
+		}
+		return fmt.Errorf("completing the last exit: unexpected exit %v%s at rip %#x", r, detail, regs.RIP)
 	}
 	return nil
 }

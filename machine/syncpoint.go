@@ -1,0 +1,460 @@
+package machine
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/bits"
+	"sync/atomic"
+	"time"
+)
+
+// A sync point is where a recording and its replay compare their states,
+// and, for a state delta, where the replay takes the recording's state
+// instead of computing it.
+//
+// A guest that runs without a deterministic exit would keep a due interrupt
+// waiting; under a journal with Config.DeltaAfter set, the recorder kicks it
+// out after that long, injects where the guest stands (waiting for an
+// interrupt window if it has interrupts off) and logs a state delta there:
+// the vCPU state and every page written since the last sync point. Devices
+// need not travel: they change only at exits, which the log already covers.
+// The replayer, standing at the same last deterministic exit, applies the
+// delta instead of running the guest to a place it cannot find without a
+// branch counter. Now and then (Config.DigestEvery) the recorder also logs
+// a check at a deterministic exit: a digest only.
+//
+// Both sides keep an incremental hash of memory (a short hash per page and
+// a mixed sum of them), updated at each sync point from the pages written
+// since the last one, so a digest costs the pages that changed, not all of
+// memory.
+
+// SyncPoint is one sync point as the log carries it.
+type SyncPoint struct {
+	Pos Position
+	// Delta says this is a state delta; otherwise a digest check at a
+	// deterministic exit.
+	Delta bool
+	// Digest covers the general and control registers and the memory sum
+	// (after the delta is applied).
+	Digest [32]byte
+	// MemBefore is the memory sum without the delta's pages: what the
+	// replay must have before it applies the delta.
+	MemBefore [2]uint64
+	VCPU      *VCPUState // Delta only
+	Pages     []uint64   // Delta only: page numbers, ascending
+	Data      []byte     // Delta only: the pages' contents, PageSize each
+}
+
+// SyncMismatchError says a replay's state differs from the recording's at
+// a sync point.
+type SyncMismatchError struct {
+	Pos    Position
+	Detail string
+}
+
+func (e *SyncMismatchError) Error() string {
+	return fmt.Sprintf("replay diverged at the sync point at %v: %s", e.Pos, e.Detail)
+}
+
+const syncHeaderLen = 1 + 32 + 16
+
+// MarshalBinary encodes s (without its position, which the log entry has).
+func (s *SyncPoint) MarshalBinary() ([]byte, error) {
+	b := make([]byte, 0, syncHeaderLen+len(s.Data)+8*len(s.Pages)+8<<10)
+	if s.Delta {
+		b = append(b, 1)
+	} else {
+		b = append(b, 0)
+	}
+	b = append(b, s.Digest[:]...)
+	b = binary.LittleEndian.AppendUint64(b, s.MemBefore[0])
+	b = binary.LittleEndian.AppendUint64(b, s.MemBefore[1])
+	if !s.Delta {
+		return b, nil
+	}
+	if s.VCPU == nil || len(s.Data) != len(s.Pages)*PageSize {
+		return nil, errors.New("sync point: a delta needs the vCPU state and PageSize bytes per page")
+	}
+	v, err := json.Marshal(s.VCPU)
+	if err != nil {
+		return nil, err
+	}
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(v)))
+	b = append(b, v...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(s.Pages)))
+	for _, p := range s.Pages {
+		b = binary.LittleEndian.AppendUint64(b, p)
+	}
+	return append(b, s.Data...), nil
+}
+
+// UnmarshalBinary decodes what MarshalBinary wrote. Every length is
+// checked (the bytes come from a log); page numbers are checked against
+// the machine when the delta is applied.
+func (s *SyncPoint) UnmarshalBinary(b []byte) error {
+	bad := func(what string) error { return fmt.Errorf("sync point: %s", what) }
+	if len(b) < syncHeaderLen || b[0] > 1 {
+		return bad("truncated or unknown kind")
+	}
+	s.Delta = b[0] == 1
+	copy(s.Digest[:], b[1:33])
+	s.MemBefore = [2]uint64{binary.LittleEndian.Uint64(b[33:]), binary.LittleEndian.Uint64(b[41:])}
+	b = b[syncHeaderLen:]
+	s.VCPU, s.Pages, s.Data = nil, nil, nil
+	if !s.Delta {
+		if len(b) != 0 {
+			return bad("trailing bytes after a check")
+		}
+		return nil
+	}
+	if len(b) < 4 {
+		return bad("no vCPU state")
+	}
+	n := uint64(binary.LittleEndian.Uint32(b))
+	if n > uint64(len(b)-4) {
+		return bad("vCPU state longer than the entry")
+	}
+	s.VCPU = &VCPUState{}
+	if err := json.Unmarshal(b[4:4+n], s.VCPU); err != nil {
+		return bad("vCPU state: " + err.Error())
+	}
+	b = b[4+n:]
+	if len(b) < 4 {
+		return bad("no page count")
+	}
+	np := uint64(binary.LittleEndian.Uint32(b))
+	b = b[4:]
+	if np > uint64(len(b))/(8+PageSize) || uint64(len(b)) != np*(8+PageSize) {
+		return bad(fmt.Sprintf("%d pages in %d bytes", np, len(b)))
+	}
+	s.Pages = make([]uint64, np)
+	for i := range s.Pages {
+		s.Pages[i] = binary.LittleEndian.Uint64(b[8*i:])
+		if i > 0 && s.Pages[i] <= s.Pages[i-1] {
+			return bad("page numbers not ascending")
+		}
+	}
+	s.Data = b[8*np:]
+	return nil
+}
+
+// memHash is the incremental hash of guest memory: a short hash per page
+// and a sum of the pages' mixed hashes (two 64-bit lanes), which changes
+// in O(1) per page that changed.
+type memHash struct {
+	page []uint64
+	sum  [2]uint64
+}
+
+var zeroPage [PageSize]byte
+
+// hashPage is a short hash of one page; all-zero pages (most of a fresh
+// guest) skip SHA-256.
+func hashPage(b []byte) uint64 {
+	if bytes.Equal(b, zeroPage[:]) {
+		return 0x5a17e0
+	}
+	s := sha256.Sum256(b)
+	return binary.LittleEndian.Uint64(s[:])
+}
+
+// mixPage spreads page i's hash h over both lanes (splitmix64), so that
+// a sum of them depends on which page holds what.
+func mixPage(i, h uint64) [2]uint64 {
+	f := func(x uint64) uint64 {
+		x += 0x9e3779b97f4a7c15
+		x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9
+		x = (x ^ (x >> 27)) * 0x94d049bb133111eb
+		return x ^ (x >> 31)
+	}
+	x := h ^ bits.RotateLeft64(i*0xd6e8feb86659fd93, 32)
+	return [2]uint64{f(x), f(x ^ 0xd1b54a32d192ed03)}
+}
+
+func (h *memHash) init(mem []byte) {
+	h.page = make([]uint64, len(mem)/PageSize)
+	h.sum = [2]uint64{}
+	for i := range h.page {
+		h.page[i] = hashPage(mem[i*PageSize : (i+1)*PageSize])
+		m := mixPage(uint64(i), h.page[i])
+		h.sum[0] += m[0]
+		h.sum[1] += m[1]
+	}
+}
+
+// rehash brings page i's hash up to date.
+func (h *memHash) rehash(mem []byte, i uint64) {
+	old := mixPage(i, h.page[i])
+	h.page[i] = hashPage(mem[i*PageSize : (i+1)*PageSize])
+	m := mixPage(i, h.page[i])
+	h.sum[0] += m[0] - old[0]
+	h.sum[1] += m[1] - old[1]
+}
+
+// without is the sum less the given pages' terms.
+func (h *memHash) without(pages []uint64) [2]uint64 {
+	s := h.sum
+	for _, i := range pages {
+		m := mixPage(i, h.page[i])
+		s[0] -= m[0]
+		s[1] -= m[1]
+	}
+	return s
+}
+
+// syncState is the machine's side of sync points under a journal.
+type syncState struct {
+	dirty  *DirtySet // pages written since the last sync point
+	hash   memHash
+	inited bool
+
+	// Recording only.
+	lastCheck time.Time
+	timer     *time.Timer
+	kicked    atomic.Bool // the delta timer fired
+	window    bool        // waiting for an interrupt window to take a delta
+
+	// atDelta: the next injection is at a delta point.
+	atDelta bool
+
+	// Figures (ExitStats).
+	deltas, checks, deltaBytes uint64
+}
+
+// syncInit starts dirty tracking and hashes all of memory; on the vCPU
+// thread, at the start of a run, so that both sides start from the same
+// state.
+func (m *Machine) syncInit() error {
+	s := m.sync
+	if s.inited {
+		return nil
+	}
+	if s.dirty == nil {
+		if !m.dirtyLog {
+			if err := m.setDirtyLog(true); err != nil {
+				return err
+			}
+		}
+		if err := m.collectDirty(); err != nil {
+			return err
+		}
+		s.dirty = &DirtySet{m: m, bits: make([]uint64, m.mem.BitmapWords()), open: true}
+		m.dirtySets = append(m.dirtySets, s.dirty)
+	} else if err := m.collectDirty(); err != nil {
+		return err
+	}
+	clear(s.dirty.bits)
+	s.hash.init(m.mem.host())
+	s.lastCheck = time.Now()
+	s.inited = true
+	return nil
+}
+
+// syncDirty rehashes the pages written since the last sync point and
+// returns their numbers.
+func (m *Machine) syncDirty() ([]uint64, error) {
+	if err := m.collectDirty(); err != nil {
+		return nil, err
+	}
+	s := m.sync
+	mem := m.mem.host()
+	var pages []uint64
+	for w, word := range s.dirty.bits {
+		for word != 0 {
+			i := uint64(w)*64 + uint64(bits.TrailingZeros64(word))
+			word &= word - 1
+			s.hash.rehash(mem, i)
+			pages = append(pages, i)
+		}
+	}
+	clear(s.dirty.bits)
+	return pages, nil
+}
+
+// syncDigest is the digest of a sync point: the registers Digest covers
+// and the memory sum.
+func (m *Machine) syncDigest() ([32]byte, error) {
+	r, ctl, err := m.regsAsTheyAre()
+	if err != nil {
+		return [32]byte{}, err
+	}
+	h := sha256.New()
+	binary.Write(h, binary.LittleEndian, r)
+	binary.Write(h, binary.LittleEndian, ctl)
+	binary.Write(h, binary.LittleEndian, m.sync.hash.sum)
+	var d [32]byte
+	copy(d[:], h.Sum(nil))
+	return d, nil
+}
+
+// maxDeltaPages keeps a delta within a log entry (64 MiB); a guest that
+// wrote more since the last sync point waits for its next exit instead.
+const maxDeltaPages = (64<<20 - 64<<10) / (PageSize + 8)
+
+// takeSyncPoint makes a sync point at p: a delta of what changed since the
+// last one, or a check.
+func (m *Machine) takeSyncPoint(p Position, delta bool) (*SyncPoint, error) {
+	pages, err := m.syncDirty()
+	if err != nil {
+		return nil, err
+	}
+	sp := &SyncPoint{Pos: p, Delta: delta}
+	if delta {
+		if len(pages) > maxDeltaPages {
+			return nil, fmt.Errorf("state delta of %d pages: more than a log entry holds", len(pages))
+		}
+		if sp.VCPU, err = m.SaveVCPU(); err != nil {
+			return nil, err
+		}
+		sp.Pages = pages
+		mem := m.mem.host()
+		sp.Data = make([]byte, 0, len(pages)*PageSize)
+		for _, i := range pages {
+			sp.Data = append(sp.Data, mem[i*PageSize:(i+1)*PageSize]...)
+		}
+		sp.MemBefore = m.sync.hash.without(pages)
+	} else {
+		sp.MemBefore = m.sync.hash.sum
+	}
+	if sp.Digest, err = m.syncDigest(); err != nil {
+		return nil, err
+	}
+	return sp, nil
+}
+
+// checkSyncPoint compares the replay's state with a logged check.
+func (m *Machine) checkSyncPoint(sp *SyncPoint) error {
+	if _, err := m.syncDirty(); err != nil {
+		return err
+	}
+	if m.sync.hash.sum != sp.MemBefore {
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "guest memory differs (a page written since the last sync point, or one a replay should not have changed)"}
+	}
+	d, err := m.syncDigest()
+	if err != nil {
+		return err
+	}
+	if d != sp.Digest {
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "the registers differ (memory agrees)"}
+	}
+	m.sync.checks++
+	return nil
+}
+
+// applyDelta checks that the replay agrees with the recording outside the
+// delta's pages, then takes the delta's pages and vCPU state, and checks
+// the result against the recorded digest.
+func (m *Machine) applyDelta(sp *SyncPoint) error {
+	if _, err := m.syncDirty(); err != nil {
+		return err
+	}
+	npages := uint64(len(m.sync.hash.page))
+	for _, i := range sp.Pages {
+		if i >= npages {
+			return fmt.Errorf("state delta at %v: page %#x is outside the guest's %d pages", sp.Pos, i, npages)
+		}
+	}
+	if m.sync.hash.without(sp.Pages) != sp.MemBefore {
+		return &SyncMismatchError{Pos: sp.Pos, Detail: fmt.Sprintf("guest memory outside the delta's %d pages differs before the delta", len(sp.Pages))}
+	}
+	mem := m.mem.host()
+	for k, i := range sp.Pages {
+		copy(mem[i*PageSize:(i+1)*PageSize], sp.Data[k*PageSize:(k+1)*PageSize])
+		m.sync.hash.rehash(mem, i)
+	}
+	if err := m.RestoreVCPU(sp.VCPU); err != nil {
+		return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
+	}
+	d, err := m.syncDigest()
+	if err != nil {
+		return err
+	}
+	if d != sp.Digest {
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "the state after the delta differs from the recording's"}
+	}
+	m.sync.deltas++
+	m.sync.deltaBytes += uint64(len(sp.Data))
+	m.sync.atDelta = true
+	return nil
+}
+
+// deltaDue reports whether a recording guest has an interrupt due that a
+// state delta should deliver: one pending at the PIC, a PIT edge due by
+// the host's clock, or queued input.
+func (m *Machine) deltaDue() bool {
+	if m.PIC.Pending() {
+		return true
+	}
+	if m.hasNextDue && m.hostClock.Now() >= m.nextDue {
+		return true
+	}
+	return m.inputs.pending(m.UART.RxSpace())
+}
+
+// armDelta sets the delta timer before the guest runs: DeltaAfter past the
+// next PIT edge, or past now if something is due already.
+func (m *Machine) armDelta() {
+	s := m.sync
+	var at time.Duration
+	switch {
+	case m.PIC.Pending() || m.inputs.pending(m.UART.RxSpace()):
+		at = m.hostClock.Now()
+	case m.hasNextDue:
+		at = max(m.nextDue, m.hostClock.Now())
+	default:
+		return
+	}
+	d := at + m.cfg.DeltaAfter - m.hostClock.Now()
+	if s.timer == nil {
+		s.timer = time.AfterFunc(d, func() {
+			s.kicked.Store(true)
+			m.kick()
+		})
+		return
+	}
+	s.timer.Reset(d)
+}
+
+func (m *Machine) disarmDelta() {
+	if m.sync.timer != nil {
+		m.sync.timer.Stop()
+	}
+}
+
+// deltaReady reports whether the guest can take an interrupt where it
+// stands (after a kick or an interrupt-window exit), from its state: after
+// a kick (KVM_EXIT_INTR) the lab host leaves kvm_run's
+// ready_for_interrupt_injection and if_flag at 0.
+func (m *Machine) deltaReady() (bool, error) {
+	r, err := m.cpu.GetRegs()
+	if err != nil {
+		return false, err
+	}
+	if r.RFLAGS&rflagsIF == 0 {
+		if m.policy.Host != HostLabPVM {
+			return false, nil
+		}
+		// The lab host reports IF=0 for a guest kicked in user mode,
+		// where IF is always 1 there (CLI at CPL3 faults, POPF cannot
+		// clear it).
+		sr, err := m.cpu.GetSregs()
+		if err != nil {
+			return false, err
+		}
+		if sr.CS.DPL != 3 {
+			return false, nil
+		}
+	}
+	ev, err := m.cpu.GetVCPUEvents()
+	if err != nil {
+		return false, err
+	}
+	return ev.Interrupt.Shadow == 0 && ev.Interrupt.Injected == 0 && ev.Exception.Injected == 0 &&
+		ev.Exception.Pending == 0 && ev.NMI.Injected == 0, nil
+}
+
+const rflagsIF = 1 << 9
