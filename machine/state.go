@@ -164,6 +164,9 @@ func (m *Machine) Restore(s *State) error {
 	if err := m.CheckCompatible(s); err != nil {
 		return err
 	}
+	if m.sync != nil {
+		m.sync.inited = false // sync points start again from the restored state
+	}
 	// Dry runs on scratch devices: a bad device state fails here, with
 	// nothing changed.
 	clk := &ManualClock{}

@@ -10,6 +10,8 @@ import (
 	"math/bits"
 	"sync/atomic"
 	"time"
+
+	"github.com/klauspost/compress/s2"
 )
 
 // A sync point is where a recording and its replay compare their states,
@@ -83,14 +85,31 @@ func (s *SyncPoint) MarshalBinary() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	v = s2.Encode(nil, v) // mostly the XSAVE area's zeros
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(v)))
 	b = append(b, v...)
+	// Page numbers (zero pages flagged, their contents left out), then
+	// the other pages' contents as one S2 block: a guest that clears or
+	// copies memory writes much that compresses.
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(s.Pages)))
-	for _, p := range s.Pages {
+	content := make([]byte, 0, len(s.Data))
+	for k, p := range s.Pages {
+		page := s.Data[k*PageSize : (k+1)*PageSize]
+		if bytes.Equal(page, zeroPage[:]) {
+			p |= zeroPageFlag
+		} else {
+			content = append(content, page...)
+		}
 		b = binary.LittleEndian.AppendUint64(b, p)
 	}
-	return append(b, s.Data...), nil
+	packed := s2.Encode(nil, content)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(packed)))
+	return append(b, packed...), nil
 }
+
+// zeroPageFlag marks a delta page that is all zeros (its contents are not
+// in the entry).
+const zeroPageFlag = 1 << 63
 
 // UnmarshalBinary decodes what MarshalBinary wrote. Every length is
 // checked (the bytes come from a log); page numbers are checked against
@@ -118,8 +137,15 @@ func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 	if n > uint64(len(b)-4) {
 		return bad("vCPU state longer than the entry")
 	}
+	if l, err := s2.DecodedLen(b[4 : 4+n]); err != nil || l > 1<<20 {
+		return bad(fmt.Sprintf("vCPU state of %d bytes (%v)", l, err))
+	}
+	v, err := s2.Decode(nil, b[4:4+n])
+	if err != nil {
+		return bad("vCPU state: " + err.Error())
+	}
 	s.VCPU = &VCPUState{}
-	if err := json.Unmarshal(b[4:4+n], s.VCPU); err != nil {
+	if err := json.Unmarshal(v, s.VCPU); err != nil {
 		return bad("vCPU state: " + err.Error())
 	}
 	b = b[4+n:]
@@ -128,17 +154,42 @@ func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 	}
 	np := uint64(binary.LittleEndian.Uint32(b))
 	b = b[4:]
-	if np > uint64(len(b))/(8+PageSize) || uint64(len(b)) != np*(8+PageSize) {
+	if np > maxDeltaPages || np*8+4 > uint64(len(b)) {
 		return bad(fmt.Sprintf("%d pages in %d bytes", np, len(b)))
 	}
 	s.Pages = make([]uint64, np)
+	zero := make([]bool, np)
+	nonzero := 0
 	for i := range s.Pages {
-		s.Pages[i] = binary.LittleEndian.Uint64(b[8*i:])
+		p := binary.LittleEndian.Uint64(b[8*i:])
+		zero[i], s.Pages[i] = p&zeroPageFlag != 0, p&^zeroPageFlag
+		if !zero[i] {
+			nonzero++
+		}
 		if i > 0 && s.Pages[i] <= s.Pages[i-1] {
 			return bad("page numbers not ascending")
 		}
 	}
-	s.Data = b[8*np:]
+	b = b[8*np:]
+	n = uint64(binary.LittleEndian.Uint32(b))
+	if n != uint64(len(b)-4) {
+		return bad(fmt.Sprintf("a %d-byte page block in %d bytes", n, len(b)-4))
+	}
+	if l, err := s2.DecodedLen(b[4:]); err != nil || l != nonzero*PageSize {
+		return bad(fmt.Sprintf("the page block holds %d bytes, not %d pages (%v)", l, nonzero, err))
+	}
+	content, err := s2.Decode(nil, b[4:])
+	if err != nil || len(content) != nonzero*PageSize {
+		return bad(fmt.Sprintf("the page block: %v", err))
+	}
+	s.Data = make([]byte, int(np)*PageSize)
+	k := 0
+	for i := range s.Pages {
+		if !zero[i] {
+			copy(s.Data[i*PageSize:], content[k*PageSize:(k+1)*PageSize])
+			k++
+		}
+	}
 	return nil
 }
 

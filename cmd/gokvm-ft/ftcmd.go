@@ -36,6 +36,10 @@ type recordedVM struct {
 	// HostCPU is the host CPU the recording's vCPU ran on, where CPUID
 	// depends on it (the replay runs there too).
 	HostCPU *int `json:",omitempty"`
+	// SyncPoints: the log has sync points (state deltas, digest checks),
+	// so the replay tracks dirty pages and hashes memory as the
+	// recording did.
+	SyncPoints bool `json:",omitempty"`
 }
 
 // recording is a `gokvm-ft record` run.
@@ -46,6 +50,8 @@ type recording struct {
 
 	wallTime time.Time
 	hostCPU  machine.HostCPU
+
+	syncPoints bool
 }
 
 func startRecording(o *options, cfg *machine.Config) (*recording, error) {
@@ -61,6 +67,8 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 		return nil, err
 	}
 	cfg.Journal = rec
+	cfg.SyncPoints = o.deltaAfter > 0 || o.digestEvery > 0
+	cfg.DeltaAfter, cfg.DigestEvery = o.deltaAfter, o.digestEvery
 	if cfg.Host == machine.HostLabPVM && !cfg.HostCPU.Pinned {
 		// The lab host's CPUID reports the host CPU's APIC ID, which the
 		// guest reads without an exit: the replay must run on the same CPU.
@@ -68,7 +76,7 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 	}
 	// The RTC's starting time is an input: fix it so the log can carry it.
 	cfg.WallTime = time.Now().UTC().Truncate(time.Second)
-	r := &recording{o: o, f: f, rec: rec, wallTime: cfg.WallTime, hostCPU: cfg.HostCPU}
+	r := &recording{o: o, f: f, rec: rec, wallTime: cfg.WallTime, hostCPU: cfg.HostCPU, syncPoints: cfg.SyncPoints}
 	if o.disk != "" && o.restore == "" {
 		// Replay must start from the disk as it is now, not as the
 		// recording will leave it.
@@ -90,6 +98,7 @@ func (r *recording) writeConfig(m *machine.Machine) error {
 	if r.hostCPU.Pinned {
 		vm.HostCPU = &r.hostCPU.CPU
 	}
+	vm.SyncPoints = r.syncPoints
 	if o.restore != "" {
 		vm.Restore, _ = filepath.Abs(o.restore)
 	} else {
@@ -119,7 +128,9 @@ func (r *recording) finish(m *machine.Machine, stderr io.Writer) error {
 	if err := r.f.Sync(); err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "\r\ngokvm-ft: recorded %d entries, %d bytes, %d deterministic exits into %s\n", r.rec.Entries(), r.rec.Bytes(), m.Exits(), r.o.ftLog)
+	st := m.Stats()
+	fmt.Fprintf(stderr, "\r\ngokvm-ft: recorded %d entries, %d bytes, %d deterministic exits, %d state deltas, %d digest checks into %s\n",
+		r.rec.Entries(), r.rec.Bytes(), m.Exits(), st.Deltas, st.SyncChecks, r.o.ftLog)
 	return nil
 }
 
@@ -199,7 +210,7 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 			return err
 		}
 	}
-	cfg := machine.Config{MemorySize: vm.Mem, Host: host, Console: console, Logger: log, Journal: rep, WallTime: vm.WallTime}
+	cfg := machine.Config{MemorySize: vm.Mem, Host: host, Console: console, Logger: log, Journal: rep, WallTime: vm.WallTime, SyncPoints: vm.SyncPoints}
 	if vm.HostCPU != nil {
 		if *vm.HostCPU < 0 || *vm.HostCPU >= runtime.NumCPU() {
 			return fmt.Errorf("%s: recorded on host CPU %d, which this host does not have", logFile, *vm.HostCPU)
@@ -238,7 +249,8 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 	if err := rep.Verify(m); err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "\r\ngokvm-ft replay: the replay matched the recording: %d log entries, %d deterministic exits, guest stopped with %v, same state digest (%v)\n",
-		rep.Entries, m.Exits(), stop, time.Since(start).Round(time.Millisecond))
+	st := m.Stats()
+	fmt.Fprintf(stderr, "\r\ngokvm-ft replay: the replay matched the recording: %d log entries, %d deterministic exits, %d state deltas applied, %d digest checks passed, guest stopped with %v, same state digest (%v)\n",
+		rep.Entries, m.Exits(), st.Deltas, st.SyncChecks, stop, time.Since(start).Round(time.Millisecond))
 	return nil
 }

@@ -65,7 +65,9 @@ func journalGuestSnapshot(t *testing.T, ns *netns) string {
 
 // linuxWorkload is what TestLinuxRecordReplay records: ten requests to
 // the counter service over one TCP connection from the test's namespace,
-// then two shell commands. It returns the console position and how long
+// made while the shell runs a CPU-bound pipeline (dd from /dev/zero into
+// gzip: guest kernel and user code that runs long without exits), then
+// two more shell commands. It returns the console position and how long
 // the workload took.
 func linuxWorkload(t *testing.T, v *vmm, ns *netns, pos int) (int, time.Duration) {
 	t.Helper()
@@ -75,22 +77,33 @@ func linuxWorkload(t *testing.T, v *vmm, ns *netns, pos int) (int, time.Duration
 		t.Fatalf("TCP to the counter: %v", err)
 	}
 	defer c.Close()
-	r := bufio.NewReader(c)
-	last := 0
-	for i := 0; i < 10; i++ {
-		c.SetDeadline(time.Now().Add(time.Minute))
-		if _, err := fmt.Fprintf(c, "next\n"); err != nil {
-			t.Fatal(err)
+	client := make(chan error, 1)
+	go func() {
+		r := bufio.NewReader(c)
+		last := 0
+		for i := 0; i < 10; i++ {
+			c.SetDeadline(time.Now().Add(2 * time.Minute))
+			if _, err := fmt.Fprintf(c, "next\n"); err != nil {
+				client <- err
+				return
+			}
+			line, err := r.ReadString('\n')
+			if err != nil {
+				client <- fmt.Errorf("counter reply %d: %w", i+1, err)
+				return
+			}
+			var n int
+			if _, err := fmt.Sscan(line, &n); err != nil || (last != 0 && n != last+1) {
+				client <- fmt.Errorf("counter reply %q after %d", line, last)
+				return
+			}
+			last = n
 		}
-		line, err := r.ReadString('\n')
-		if err != nil {
-			t.Fatalf("counter reply %d: %v", i+1, err)
-		}
-		var n int
-		if _, err := fmt.Sscan(line, &n); err != nil || (last != 0 && n != last+1) {
-			t.Fatalf("counter reply %q after %d", line, last)
-		}
-		last = n
+		client <- nil
+	}()
+	pos = v.shell(t, "dd if=/dev/zero bs=64k count=32 | gzip -c | wc -c; echo spun-$((6*7))", "spun-42", pos)
+	if err := <-client; err != nil {
+		t.Fatal(err)
 	}
 	pos = v.shell(t, "ls /bin | wc -l; echo sum-$((20+22))", "sum-42", pos)
 	pos = v.shell(t, "cat /proc/uptime; echo listed-$((3*5))", "listed-15", pos)
@@ -150,11 +163,11 @@ func TestLinuxRecordReplay(t *testing.T) {
 	v.powerOff(t, pos)
 	recorded := time.Since(v.start)
 	recConsole := v.console.String()
-	t.Logf("workload (10 counter requests, 2 shell commands): plain %v, recording %v: ratio %.2f",
+	t.Logf("workload (10 counter requests beside dd | gzip, 2 shell commands): plain %v, recording %v: ratio %.2f",
 		plainTook.Round(time.Millisecond), recTook.Round(time.Millisecond), recTook.Seconds()/plainTook.Seconds())
 	t.Logf("log: %d bytes in all; busy %.1f KiB/s, idle %.2f KiB/s", size(), float64(busy)/1024/recTook.Seconds(), float64(idleBytes)/1024/idle.Seconds())
 	for _, line := range strings.Split(v.stderr.String(), "\n") {
-		if strings.Contains(line, "interrupt waits") || strings.Contains(line, "recorded") {
+		if strings.Contains(line, "interrupt waits") || strings.Contains(line, "sync points") || strings.Contains(line, "recorded") {
 			t.Log(strings.TrimSpace(line))
 		}
 	}

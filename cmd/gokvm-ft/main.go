@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/gokvm-ft/gokvm-ft/boot"
 	"github.com/gokvm-ft/gokvm-ft/machine"
@@ -37,24 +38,26 @@ func main() {
 
 // options are the parsed command line.
 type options struct {
-	mem      uint64
-	kernel   string
-	initrd   string
-	append   string
-	host     machine.HostKind
-	logLevel slog.Level
-	profile  string
-	stats    bool
-	disk     string
-	diskRO   bool
-	net      *netSpec
-	control  string // control socket path
-	restore  string // snapshot directory to start from
-	incoming string // address to receive a live transfer on
-	ftLog    string // record: the log file to write
-	cmdline  string // the exact kernel command line (replay), instead of building one
-	noTap    bool   // a virtio-net card with no tap behind it (replay)
-	hostCPU  int    // host CPU to pin the vCPU thread to, -1 for none
+	mem         uint64
+	kernel      string
+	initrd      string
+	append      string
+	host        machine.HostKind
+	logLevel    slog.Level
+	profile     string
+	stats       bool
+	disk        string
+	diskRO      bool
+	net         *netSpec
+	control     string        // control socket path
+	restore     string        // snapshot directory to start from
+	incoming    string        // address to receive a live transfer on
+	ftLog       string        // record: the log file to write
+	deltaAfter  time.Duration // record: state delta bound (0: exits only)
+	digestEvery time.Duration // record: digest checks
+	cmdline     string        // the exact kernel command line (replay), instead of building one
+	noTap       bool          // a virtio-net card with no tap behind it (replay)
+	hostCPU     int           // host CPU to pin the vCPU thread to, -1 for none
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -95,9 +98,12 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 	host := fs.String("host", "auto", "host kind for CPU feature masks: auto, lab or bare-metal")
 	levelFlag := "log"
 	var ftLog *string
+	var deltaAfter, digestEvery *time.Duration
 	if sub == "record" {
 		levelFlag = "log-level"
 		ftLog = fs.String("log", "", "the record/replay log to write (required); a disk's starting image is copied beside it (FILE.disk)")
+		deltaAfter = fs.Duration("delta-after", 10*time.Millisecond, "record: a due interrupt waits at most this long for a deterministic exit, then goes in with a state delta (0: wait for the exit)")
+		digestEvery = fs.Duration("digest-every", time.Second, "record: log a state digest at a deterministic exit this often, for the replay to check (0: only at the end)")
 	}
 	logLevel := fs.String(levelFlag, "info", "log level: debug, info, warn or error")
 	disk := fs.String("disk", "", "raw disk image for a virtio-blk disk (the guest's /dev/vda)")
@@ -131,6 +137,9 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 		}
 		if o.incoming != "" {
 			return nil, fmt.Errorf("record: -incoming is not supported (record on the machine the guest starts on)")
+		}
+		if o.deltaAfter, o.digestEvery = *deltaAfter, *digestEvery; o.deltaAfter < 0 || o.digestEvery < 0 {
+			return nil, fmt.Errorf("record: -delta-after and -digest-every must not be negative")
 		}
 	}
 	if o.hostCPU < -1 || o.hostCPU >= runtime.NumCPU() {
