@@ -7,7 +7,6 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -76,7 +75,9 @@ vec_32:
 // deltaConfig is a machine with sync points: deltas after 2 ms (quick
 // tests), digest checks every 10 ms.
 func deltaConfig(j machine.Journal, deltas bool) machine.Config {
-	cfg := machine.Config{MemorySize: 2 << 20, TestExit: true, Host: machine.DetectHostKind(), Journal: j, SyncPoints: true, DigestEvery: 10 * time.Millisecond}
+	// The RTC's starting time is an input too (gokvm-ft record logs it).
+	wall := time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
+	cfg := machine.Config{MemorySize: 2 << 20, TestExit: true, Host: machine.DetectHostKind(), Journal: j, SyncPoints: true, DigestEvery: 10 * time.Millisecond, WallTime: wall}
 	if deltas {
 		cfg.DeltaAfter = 2 * time.Millisecond
 	}
@@ -138,29 +139,28 @@ func recordSync(t *testing.T, p *tinyguest.Program, kernel, deltas bool) syncRun
 }
 
 // replaySync replays a log with sync points; corrupt, if set, runs on the
-// vCPU thread once the replay is under way.
+// vCPU thread after the replay's 20th deterministic exit.
 func replaySync(t *testing.T, p *tinyguest.Program, kernel bool, log []byte, corrupt func(*machine.Machine)) (syncRun, error) {
 	t.Helper()
 	rep, err := ft.NewReplayer(bytes.NewReader(log))
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := newDeltaMachine(t, p, deltaConfig(rep, false), kernel)
+	cfg := deltaConfig(rep, false)
+	var m *machine.Machine
+	if corrupt != nil {
+		cfg.OnExit = func(ex machine.Exit) {
+			if ex.Count == 20 {
+				corrupt(m)
+			}
+		}
+	}
+	m = newDeltaMachine(t, p, cfg, kernel)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	var wg sync.WaitGroup
-	if corrupt != nil {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			time.Sleep(time.Millisecond)
-			m.Do(func() { corrupt(m) })
-		}()
-	}
 	start := time.Now()
 	stop, err := m.Run(ctx)
 	took := time.Since(start)
-	wg.Wait()
 	if err != nil {
 		return syncRun{}, err
 	}

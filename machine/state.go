@@ -94,6 +94,14 @@ func (m *Machine) Save() (*State, error) {
 	if err != nil {
 		return nil, err
 	}
+	s := m.saveDevices()
+	s.VCPU = *v
+	return s, nil
+}
+
+// saveDevices is Save without the vCPU: the machine's make-up, guest time,
+// the exit count and every device.
+func (m *Machine) saveDevices() *State {
 	s := &State{
 		Version:    StateVersion,
 		Model:      ModelVersion,
@@ -102,7 +110,6 @@ func (m *Machine) Save() (*State, error) {
 		Host:       m.policy.Host.String(),
 		Clock:      m.clock.Now(),
 		Exits:      m.exits,
-		VCPU:       *v,
 		PIC:        m.PIC.Save(),
 		PIT:        m.PIT.Save(),
 		UART:       m.UART.Save(),
@@ -113,7 +120,7 @@ func (m *Machine) Save() (*State, error) {
 	for _, slot := range m.virtio {
 		s.Virtio = append(s.Virtio, VirtioState{Name: slot.Name, Base: slot.Base, IRQ: slot.IRQ, Transport: slot.Transport.Save()})
 	}
-	return s, nil
+	return s
 }
 
 // CheckCompatible reports whether s can be restored onto this machine: same

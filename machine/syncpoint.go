@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -46,9 +48,12 @@ type SyncPoint struct {
 	// MemBefore is the memory sum without the delta's pages: what the
 	// replay must have before it applies the delta.
 	MemBefore [2]uint64
-	VCPU      *VCPUState // Delta only
-	Pages     []uint64   // Delta only: page numbers, ascending
-	Data      []byte     // Delta only: the pages' contents, PageSize each
+	// Regions are the memory sums (one lane) of equal slices of guest
+	// memory, taken as MemBefore is: where a mismatch is, for the report.
+	Regions []uint64
+	VCPU    *VCPUState // Delta only
+	Pages   []uint64   // Delta only: page numbers, ascending
+	Data    []byte     // Delta only: the pages' contents, PageSize each
 }
 
 // SyncMismatchError says a replay's state differs from the recording's at
@@ -62,7 +67,10 @@ func (e *SyncMismatchError) Error() string {
 	return fmt.Sprintf("replay diverged at the sync point at %v: %s", e.Pos, e.Detail)
 }
 
-const syncHeaderLen = 1 + 32 + 16
+const syncHeaderLen = 1 + 32 + 16 + 2
+
+// maxRegions bounds SyncPoint.Regions.
+const maxRegions = 64
 
 // MarshalBinary encodes s (without its position, which the log entry has).
 func (s *SyncPoint) MarshalBinary() ([]byte, error) {
@@ -75,6 +83,13 @@ func (s *SyncPoint) MarshalBinary() ([]byte, error) {
 	b = append(b, s.Digest[:]...)
 	b = binary.LittleEndian.AppendUint64(b, s.MemBefore[0])
 	b = binary.LittleEndian.AppendUint64(b, s.MemBefore[1])
+	if len(s.Regions) > maxRegions {
+		return nil, errors.New("sync point: too many memory regions")
+	}
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(s.Regions)))
+	for _, r := range s.Regions {
+		b = binary.LittleEndian.AppendUint64(b, r)
+	}
 	if !s.Delta {
 		return b, nil
 	}
@@ -122,7 +137,16 @@ func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 	s.Delta = b[0] == 1
 	copy(s.Digest[:], b[1:33])
 	s.MemBefore = [2]uint64{binary.LittleEndian.Uint64(b[33:]), binary.LittleEndian.Uint64(b[41:])}
+	nr := int(binary.LittleEndian.Uint16(b[49:]))
 	b = b[syncHeaderLen:]
+	if nr > maxRegions || len(b) < 8*nr {
+		return bad(fmt.Sprintf("%d memory regions", nr))
+	}
+	s.Regions = make([]uint64, nr)
+	for i := range s.Regions {
+		s.Regions[i] = binary.LittleEndian.Uint64(b[8*i:])
+	}
+	b = b[8*nr:]
 	s.VCPU, s.Pages, s.Data = nil, nil, nil
 	if !s.Delta {
 		if len(b) != 0 {
@@ -199,6 +223,9 @@ func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 type memHash struct {
 	page []uint64
 	sum  [2]uint64
+	// region holds lane 0 of the sum per slice of 1<<regionShift pages.
+	region      []uint64
+	regionShift uint
 }
 
 var zeroPage [PageSize]byte
@@ -227,13 +254,20 @@ func mixPage(i, h uint64) [2]uint64 {
 }
 
 func (h *memHash) init(mem []byte) {
-	h.page = make([]uint64, len(mem)/PageSize)
+	n := len(mem) / PageSize
+	h.page = make([]uint64, n)
+	h.regionShift = 0
+	for n>>h.regionShift > maxRegions {
+		h.regionShift++
+	}
+	h.region = make([]uint64, (n+(1<<h.regionShift)-1)>>h.regionShift)
 	h.sum = [2]uint64{}
 	for i := range h.page {
 		h.page[i] = hashPage(mem[i*PageSize : (i+1)*PageSize])
 		m := mixPage(uint64(i), h.page[i])
 		h.sum[0] += m[0]
 		h.sum[1] += m[1]
+		h.region[i>>h.regionShift] += m[0]
 	}
 }
 
@@ -244,17 +278,35 @@ func (h *memHash) rehash(mem []byte, i uint64) {
 	m := mixPage(i, h.page[i])
 	h.sum[0] += m[0] - old[0]
 	h.sum[1] += m[1] - old[1]
+	h.region[i>>h.regionShift] += m[0] - old[0]
 }
 
-// without is the sum less the given pages' terms.
-func (h *memHash) without(pages []uint64) [2]uint64 {
+// without is the sum, and the region sums, less the given pages' terms.
+func (h *memHash) without(pages []uint64) ([2]uint64, []uint64) {
 	s := h.sum
+	r := slices.Clone(h.region)
 	for _, i := range pages {
 		m := mixPage(i, h.page[i])
 		s[0] -= m[0]
 		s[1] -= m[1]
+		r[i>>h.regionShift] -= m[0]
 	}
-	return s
+	return s, r
+}
+
+// describeRegions names the regions whose sums differ from want's.
+func (h *memHash) describeRegions(got, want []uint64) string {
+	if len(got) != len(want) {
+		return fmt.Sprintf("memory is split into %d regions here, %d in the log", len(got), len(want))
+	}
+	size := uint64(PageSize) << h.regionShift
+	var at []string
+	for i := range got {
+		if got[i] != want[i] {
+			at = append(at, fmt.Sprintf("%#x-%#x", uint64(i)*size, uint64(i+1)*size-1))
+		}
+	}
+	return fmt.Sprintf("%d of %d regions of %d KiB differ: %s", len(at), len(got), size>>10, strings.Join(at, ", "))
 }
 
 // syncState is the machine's side of sync points under a journal.
@@ -326,10 +378,16 @@ func (m *Machine) syncDirty() ([]uint64, error) {
 	return pages, nil
 }
 
-// syncDigest is the digest of a sync point: the registers Digest covers
-// and the memory sum.
+// syncDigest is the digest of a sync point: the registers Digest covers,
+// the memory sum, and the devices' state with guest time (which a delta
+// does not carry: devices change only at exits, so a replay that agrees
+// here agrees everywhere the log does not say otherwise).
 func (m *Machine) syncDigest() ([32]byte, error) {
 	r, ctl, err := m.regsAsTheyAre()
+	if err != nil {
+		return [32]byte{}, err
+	}
+	devs, err := json.Marshal(m.saveDevices())
 	if err != nil {
 		return [32]byte{}, err
 	}
@@ -337,6 +395,7 @@ func (m *Machine) syncDigest() ([32]byte, error) {
 	binary.Write(h, binary.LittleEndian, r)
 	binary.Write(h, binary.LittleEndian, ctl)
 	binary.Write(h, binary.LittleEndian, m.sync.hash.sum)
+	h.Write(devs)
 	var d [32]byte
 	copy(d[:], h.Sum(nil))
 	return d, nil
@@ -367,9 +426,9 @@ func (m *Machine) takeSyncPoint(p Position, delta bool) (*SyncPoint, error) {
 		for _, i := range pages {
 			sp.Data = append(sp.Data, mem[i*PageSize:(i+1)*PageSize]...)
 		}
-		sp.MemBefore = m.sync.hash.without(pages)
+		sp.MemBefore, sp.Regions = m.sync.hash.without(pages)
 	} else {
-		sp.MemBefore = m.sync.hash.sum
+		sp.MemBefore, sp.Regions = m.sync.hash.sum, slices.Clone(m.sync.hash.region)
 	}
 	if sp.Digest, err = m.syncDigest(); err != nil {
 		return nil, err
@@ -383,14 +442,14 @@ func (m *Machine) checkSyncPoint(sp *SyncPoint) error {
 		return err
 	}
 	if m.sync.hash.sum != sp.MemBefore {
-		return &SyncMismatchError{Pos: sp.Pos, Detail: "guest memory differs (a page written since the last sync point, or one a replay should not have changed)"}
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "guest memory differs: " + m.sync.hash.describeRegions(m.sync.hash.region, sp.Regions)}
 	}
 	d, err := m.syncDigest()
 	if err != nil {
 		return err
 	}
 	if d != sp.Digest {
-		return &SyncMismatchError{Pos: sp.Pos, Detail: "the registers differ (memory agrees)"}
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "the registers or the devices' state differ (memory agrees)"}
 	}
 	m.sync.checks++
 	return nil
@@ -409,8 +468,9 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 			return fmt.Errorf("state delta at %v: page %#x is outside the guest's %d pages", sp.Pos, i, npages)
 		}
 	}
-	if m.sync.hash.without(sp.Pages) != sp.MemBefore {
-		return &SyncMismatchError{Pos: sp.Pos, Detail: fmt.Sprintf("guest memory outside the delta's %d pages differs before the delta", len(sp.Pages))}
+	if sum, regions := m.sync.hash.without(sp.Pages); sum != sp.MemBefore {
+		return &SyncMismatchError{Pos: sp.Pos, Detail: fmt.Sprintf("guest memory outside the delta's %d pages differs before the delta: %s",
+			len(sp.Pages), m.sync.hash.describeRegions(regions, sp.Regions))}
 	}
 	mem := m.mem.host()
 	for k, i := range sp.Pages {
@@ -425,7 +485,7 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 		return err
 	}
 	if d != sp.Digest {
-		return &SyncMismatchError{Pos: sp.Pos, Detail: "the state after the delta differs from the recording's"}
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "the state after the delta differs from the recording's (the devices' state: memory and registers came with the delta)"}
 	}
 	m.sync.deltas++
 	m.sync.deltaBytes += uint64(len(sp.Data))

@@ -29,8 +29,11 @@ type recordedVM struct {
 	Cmdline string `json:",omitempty"`
 	Restore string `json:",omitempty"` // a snapshot directory the recording started from
 	Disk    string `json:",omitempty"` // the disk's image at the start (a copy beside the log)
-	DiskRO  bool   `json:",omitempty"`
-	NetMAC  string `json:",omitempty"`
+	// DiskName is the recorded disk's file name, which the guest sees as
+	// the disk's serial: the replay's scratch copy takes it too.
+	DiskName string `json:",omitempty"`
+	DiskRO   bool   `json:",omitempty"`
+	NetMAC   string `json:",omitempty"`
 	// WallTime is the RTC's time at the start: an input like any other.
 	WallTime time.Time
 	// HostCPU is the host CPU the recording's vCPU ran on, where CPUID
@@ -110,6 +113,7 @@ func (r *recording) writeConfig(m *machine.Machine) error {
 	}
 	if o.disk != "" {
 		vm.Disk, _ = filepath.Abs(o.ftLog + ".disk")
+		vm.DiskName = filepath.Base(o.disk)
 		if o.restore != "" {
 			vm.Disk = "" // the snapshot carries the starting disk
 		}
@@ -197,7 +201,11 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 	}
 	defer os.RemoveAll(tmp)
 	if vm.Disk != "" {
-		o.disk = filepath.Join(tmp, "disk.img")
+		name := filepath.Base(vm.DiskName) // never a path out of tmp
+		if name == "." || name == ".." || name == "/" || name == "" {
+			name = "disk.img"
+		}
+		o.disk = filepath.Join(tmp, name)
 		if _, _, err := migrate.CopyImage(o.disk, vm.Disk); err != nil {
 			return fmt.Errorf("the starting disk: %w", err)
 		}
