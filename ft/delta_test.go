@@ -7,6 +7,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -361,4 +362,44 @@ func TestDeltaFollowFile(t *testing.T) {
 		t.Fatal("the following replay did not finish")
 	}
 	t.Logf("%d deltas followed", src.Stats().Deltas)
+}
+
+// TestSyncCheckNamesRegisters: a register that differs in a replay (here
+// R15, which the busy guest never touches, so nothing else changes) is
+// caught at the next digest check, by name.
+func TestSyncCheckNamesRegisters(t *testing.T) {
+	var log bytes.Buffer
+	rec, err := ft.NewRecorder(&log, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := newDeltaMachine(t, prog, deltaConfig(rec, false), true)
+	go func() {
+		for i := 0; i < 20; i++ {
+			time.Sleep(time.Millisecond)
+			src.DeliverSerial([]byte{'x'})
+		}
+	}()
+	if _, err := src.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := rec.Finish(src); err != nil {
+		t.Fatal(err)
+	}
+	_, err = replaySync(t, prog, true, log.Bytes(), func(m *machine.Machine) {
+		r, err := m.VCPU().GetRegs()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		r.R15 ^= 0x1000
+		if err := m.VCPU().SetRegs(r); err != nil {
+			t.Error(err)
+		}
+	})
+	var mis *machine.SyncMismatchError
+	if !errors.As(err, &mis) || !strings.Contains(err.Error(), "r15 ") {
+		t.Fatalf("replay with R15 changed: %v; want a sync point mismatch naming r15", err)
+	}
+	t.Logf("caught: %v", err)
 }

@@ -128,14 +128,7 @@ func (s *StateSummary) UnmarshalBinary(b []byte) error {
 // guest-physical ranges whose hashes differ (the first few). Empty if they
 // agree.
 func (s *StateSummary) Diff(want *StateSummary) string {
-	var out []string
-	regNames := []string{"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"}
-	got, exp := regWords(&s.Regs), regWords(&want.Regs)
-	for i, name := range regNames {
-		if got[i] != exp[i] {
-			out = append(out, fmt.Sprintf("%s %#x (want %#x)", name, got[i], exp[i]))
-		}
-	}
+	out := regsDiff(&s.Regs, &want.Regs)
 	for i, name := range []string{"cr0", "cr2", "cr3", "cr4", "efer", "cs"} {
 		if s.Control[i] != want.Control[i] {
 			out = append(out, fmt.Sprintf("%s %#x (want %#x)", name, s.Control[i], want.Control[i]))
@@ -159,6 +152,19 @@ func (s *StateSummary) Diff(want *StateSummary) string {
 		out = append(out, fmt.Sprintf("memory differs in %d chunks of %d bytes, at %s", differ, s.ChunkSize, strings.Join(ranges, ", ")))
 	}
 	return strings.Join(out, "; ")
+}
+
+// regsDiff names the general registers that differ, with both values.
+func regsDiff(got, want *kvm.Regs) []string {
+	var out []string
+	names := []string{"rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"}
+	g, w := regWords(got), regWords(want)
+	for i, name := range names {
+		if g[i] != w[i] {
+			out = append(out, fmt.Sprintf("%s %#x (want %#x)", name, g[i], w[i]))
+		}
+	}
+	return out
 }
 
 func regWords(r *kvm.Regs) [18]uint64 {

@@ -682,7 +682,7 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 				return Stop{}, err
 			}
 			if err := m.syncCheck(pos); err != nil {
-				return Stop{}, fmt.Errorf("at %v: %w", pos, err)
+				return Stop{}, err // a SyncMismatchError names the position
 			}
 			deliver = true
 		}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/s2"
+
+	"github.com/gokvm-ft/gokvm-ft/kvm"
 )
 
 // A sync point is where a recording and its replay compare their states,
@@ -51,6 +53,11 @@ type SyncPoint struct {
 	// Regions are the memory sums (one lane) of equal slices of guest
 	// memory, taken as MemBefore is: where a mismatch is, for the report.
 	Regions []uint64
+	// Devices is a short hash of the devices' state and guest time, and
+	// Regs the general registers (checks only): they name what differs
+	// when the digest does not match.
+	Devices uint64
+	Regs    kvm.Regs
 	VCPU    *VCPUState // Delta only
 	Pages   []uint64   // Delta only: page numbers, ascending
 	Data    []byte     // Delta only: the pages' contents, PageSize each
@@ -67,7 +74,10 @@ func (e *SyncMismatchError) Error() string {
 	return fmt.Sprintf("replay diverged at the sync point at %v: %s", e.Pos, e.Detail)
 }
 
-const syncHeaderLen = 1 + 32 + 16 + 2
+const syncHeaderLen = 1 + 32 + 16 + 8 + 2
+
+// regsLen is the encoded size of kvm.Regs.
+const regsLen = 18 * 8
 
 // maxRegions bounds SyncPoint.Regions.
 const maxRegions = 64
@@ -83,6 +93,7 @@ func (s *SyncPoint) MarshalBinary() ([]byte, error) {
 	b = append(b, s.Digest[:]...)
 	b = binary.LittleEndian.AppendUint64(b, s.MemBefore[0])
 	b = binary.LittleEndian.AppendUint64(b, s.MemBefore[1])
+	b = binary.LittleEndian.AppendUint64(b, s.Devices)
 	if len(s.Regions) > maxRegions {
 		return nil, errors.New("sync point: too many memory regions")
 	}
@@ -91,7 +102,7 @@ func (s *SyncPoint) MarshalBinary() ([]byte, error) {
 		b = binary.LittleEndian.AppendUint64(b, r)
 	}
 	if !s.Delta {
-		return b, nil
+		return binary.Append(b, binary.LittleEndian, s.Regs)
 	}
 	if s.VCPU == nil || len(s.Data) != len(s.Pages)*PageSize {
 		return nil, errors.New("sync point: a delta needs the vCPU state and PageSize bytes per page")
@@ -137,7 +148,8 @@ func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 	s.Delta = b[0] == 1
 	copy(s.Digest[:], b[1:33])
 	s.MemBefore = [2]uint64{binary.LittleEndian.Uint64(b[33:]), binary.LittleEndian.Uint64(b[41:])}
-	nr := int(binary.LittleEndian.Uint16(b[49:]))
+	s.Devices = binary.LittleEndian.Uint64(b[49:])
+	nr := int(binary.LittleEndian.Uint16(b[57:]))
 	b = b[syncHeaderLen:]
 	if nr > maxRegions || len(b) < 8*nr {
 		return bad(fmt.Sprintf("%d memory regions", nr))
@@ -149,10 +161,11 @@ func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 	b = b[8*nr:]
 	s.VCPU, s.Pages, s.Data = nil, nil, nil
 	if !s.Delta {
-		if len(b) != 0 {
-			return bad("trailing bytes after a check")
+		if len(b) != regsLen {
+			return bad(fmt.Sprintf("a check with %d bytes of registers", len(b)))
 		}
-		return nil
+		_, err := binary.Decode(b, binary.LittleEndian, &s.Regs)
+		return err
 	}
 	if len(b) < 4 {
 		return bad("no vCPU state")
@@ -378,19 +391,22 @@ func (m *Machine) syncDirty() ([]uint64, error) {
 	return pages, nil
 }
 
-// syncDigest is the digest of a sync point: the registers Digest covers,
-// the memory sum, and the devices' state with guest time (which a delta
-// does not carry: devices change only at exits, so a replay that agrees
-// here agrees everywhere the log does not say otherwise).
-func (m *Machine) syncDigest() ([32]byte, error) {
+// syncDigestParts is the digest of a sync point: the registers Digest
+// covers, the memory sum, and the devices' state with guest time (which a
+// delta does not carry: devices change only at exits, so a replay that
+// agrees here agrees everywhere the log does not say otherwise). The
+// general registers and a short hash of the devices' state come with it,
+// for reports.
+func (m *Machine) syncDigestParts() ([32]byte, kvm.Regs, uint64, error) {
 	r, ctl, err := m.regsAsTheyAre()
 	if err != nil {
-		return [32]byte{}, err
+		return [32]byte{}, r, 0, err
 	}
 	devs, err := json.Marshal(m.saveDevices())
 	if err != nil {
-		return [32]byte{}, err
+		return [32]byte{}, r, 0, err
 	}
+	dh := sha256.Sum256(devs)
 	h := sha256.New()
 	binary.Write(h, binary.LittleEndian, r)
 	binary.Write(h, binary.LittleEndian, ctl)
@@ -398,7 +414,7 @@ func (m *Machine) syncDigest() ([32]byte, error) {
 	h.Write(devs)
 	var d [32]byte
 	copy(d[:], h.Sum(nil))
-	return d, nil
+	return d, r, binary.LittleEndian.Uint64(dh[:]), nil
 }
 
 // maxDeltaPages keeps a delta within a log entry (64 MiB); a guest that
@@ -430,8 +446,12 @@ func (m *Machine) takeSyncPoint(p Position, delta bool) (*SyncPoint, error) {
 	} else {
 		sp.MemBefore, sp.Regions = m.sync.hash.sum, slices.Clone(m.sync.hash.region)
 	}
-	if sp.Digest, err = m.syncDigest(); err != nil {
+	var regs kvm.Regs
+	if sp.Digest, regs, sp.Devices, err = m.syncDigestParts(); err != nil {
 		return nil, err
+	}
+	if !delta {
+		sp.Regs = regs
 	}
 	return sp, nil
 }
@@ -444,12 +464,19 @@ func (m *Machine) checkSyncPoint(sp *SyncPoint) error {
 	if m.sync.hash.sum != sp.MemBefore {
 		return &SyncMismatchError{Pos: sp.Pos, Detail: "guest memory differs: " + m.sync.hash.describeRegions(m.sync.hash.region, sp.Regions)}
 	}
-	d, err := m.syncDigest()
+	d, regs, devs, err := m.syncDigestParts()
 	if err != nil {
 		return err
 	}
 	if d != sp.Digest {
-		return &SyncMismatchError{Pos: sp.Pos, Detail: "the registers or the devices' state differ (memory agrees)"}
+		what := regsDiff(&regs, &sp.Regs)
+		if devs != sp.Devices {
+			what = append(what, "the devices' state or guest time")
+		}
+		if len(what) == 0 {
+			what = append(what, "the control registers")
+		}
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "memory agrees, but these differ: " + strings.Join(what, "; ")}
 	}
 	m.sync.checks++
 	return nil
@@ -480,12 +507,16 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 	if err := m.RestoreVCPU(sp.VCPU); err != nil {
 		return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
 	}
-	d, err := m.syncDigest()
+	d, _, devs, err := m.syncDigestParts()
 	if err != nil {
 		return err
 	}
 	if d != sp.Digest {
-		return &SyncMismatchError{Pos: sp.Pos, Detail: "the state after the delta differs from the recording's (the devices' state: memory and registers came with the delta)"}
+		what := "the devices' state or guest time" // memory and registers came with the delta
+		if devs == sp.Devices {
+			what = "the control registers"
+		}
+		return &SyncMismatchError{Pos: sp.Pos, Detail: "after the delta, " + what + " differ from the recording's"}
 	}
 	m.sync.deltas++
 	m.sync.deltaBytes += uint64(len(sp.Data))
