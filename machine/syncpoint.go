@@ -486,6 +486,15 @@ func (m *Machine) checkSyncPoint(sp *SyncPoint) error {
 // delta's pages, then takes the delta's pages and vCPU state, and checks
 // the result against the recorded digest.
 func (m *Machine) applyDelta(sp *SyncPoint) error {
+	// The replay stands at an exit whose I/O KVM completes on the next
+	// KVM_RUN (a read's data into a register, an emulated instruction's
+	// end): done after the delta's registers are in, that would change
+	// them. The recording's guest completed it before the kick.
+	if r := m.cpu.ExitReason(); r == kvm.ExitIO || r == kvm.ExitMMIO {
+		if err := m.completeExit(); err != nil {
+			return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
+		}
+	}
 	if _, err := m.syncDirty(); err != nil {
 		return err
 	}
