@@ -26,6 +26,14 @@
 // really stop the guest, and that a guest loop of known length, with VM
 // exits inside, counts exactly in every one of several runs.
 //
+// ProbeHost is Probe on the real host: the guests are tiny long-mode
+// programs (HostDebugGuest, HostLoop) on their own one-vCPU machine, run
+// through KVM_RUN directly, with every run bounded by a watchdog kick.
+// Guest debugging is checked at CPL3 and CPL0, since a nested host may
+// honour one and not the other (this lab's PVM host single-steps CPL0 code
+// but hands a CPL3 step's #DB to the guest and ignores CPL3 breakpoints).
+// Building the guests needs the GNU assembler and linker.
+//
 // Known limits: a loop made only of unconditional jumps repeats positions
 // (no conditional branch retires), so a target inside one is ambiguous;
 // the seeker stops at the first match. Instructions KVM emulates in
