@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/gokvm-ft/gokvm-ft/ft"
+	"github.com/gokvm-ft/gokvm-ft/ft/pmu"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 	"github.com/gokvm-ft/gokvm-ft/migrate"
 )
@@ -70,6 +71,14 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 		return nil, err
 	}
 	cfg.Journal = rec
+	// Positions are exits (and state deltas) unless the host has an exact
+	// branch counter; the PMU path is not wired into recording yet, so
+	// the probe only says what this host could do.
+	if p := pmu.ProbeHost(3); p.Usable {
+		cfg.Logger.Info("position source: deterministic exits and state deltas; this host's branch counter passed the probe, but recording does not use it yet", "probe", p.Reason)
+	} else {
+		cfg.Logger.Info("position source: deterministic exits and state deltas", "pmu", p.Reason)
+	}
 	cfg.SyncPoints = o.deltaAfter > 0 || o.digestEvery > 0
 	cfg.DeltaAfter, cfg.DigestEvery = o.deltaAfter, o.digestEvery
 	if cfg.Host == machine.HostLabPVM && !cfg.HostCPU.Pinned {
