@@ -21,9 +21,7 @@ import (
 // the only deterministic exit. It stops after 50 ticks.
 var cpuBoundGuest = `
 _start:
-` + tinyguest.PICInit(0xfe) + `
-	mov $0x34, %al; out %al, $0x43
-	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+` + tinyguest.PICInit(0xfe) + tinyguest.PIT1kHz + `
 ` + tinyguest.ToUser + `
 user:
 	incq 0x90000
@@ -47,9 +45,7 @@ vec_32:
 // must wait for an interrupt window. It stops after 30 ticks.
 var ifGuest = `
 _start:
-` + tinyguest.PICInit(0xfe) + `
-	mov $0x34, %al; out %al, $0x43
-	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+` + tinyguest.PICInit(0xfe) + tinyguest.PIT1kHz + `
 1:	cli
 	mov $2000, %ecx
 2:	incq 0x90000
@@ -63,14 +59,7 @@ _start:
 	cmpq $30, 0x90008
 	jb 1b
 	mov $1, %eax
-` + tinyguest.ExitWithEAX + `
-vec_32:
-	push %rax
-	incq 0x90008
-	mov $0x20, %al
-	out %al, $0x20
-	pop %rax
-	iretq
+` + tinyguest.ExitWithEAX + tinyguest.CountTicks + `
 `
 
 // deltaConfig is a machine with sync points: deltas after 2 ms (quick

@@ -29,9 +29,7 @@ import (
 // with the number of bytes it received.
 var busyGuest = `
 _start:
-` + tinyguest.PICInit(0xea) + `
-	mov $0x34, %al; out %al, $0x43
-	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+` + tinyguest.PICInit(0xea) + tinyguest.PIT1kHz + `
 	mov $0x3f9, %dx; mov $0x01, %al; out %al, %dx
 	mov $0x3fc, %dx; mov $0x08, %al; out %al, %dx
 	mov $0x3fa, %dx; mov $0x01, %al; out %al, %dx
@@ -459,9 +457,7 @@ func TestReplayerStopsWhereTheLogEnds(t *testing.T) {
 // that counts.
 var workGuest = `
 _start:
-` + tinyguest.PICInit(0xfe) + `
-	mov $0x34, %al; out %al, $0x43
-	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+` + tinyguest.PICInit(0xfe) + tinyguest.PIT1kHz + `
 ` + tinyguest.ToUser + `
 user:
 	incq 0x90000
@@ -475,35 +471,19 @@ user:
 	cmpq $0x400000, 0x90000
 	jb user
 	mov $1, %eax
-` + tinyguest.ExitWithEAX + `
-vec_32:
-	push %rax
-	incq 0x90008
-	mov $0x20, %al
-	out %al, $0x20
-	pop %rax
-	iretq
+` + tinyguest.ExitWithEAX + tinyguest.CountTicks + `
 `
 
 // idleGuest halts with the PIT ticking at 1 kHz until 200 ticks came.
 var idleGuest = `
 _start:
-` + tinyguest.PICInit(0xfe) + `
-	mov $0x34, %al; out %al, $0x43
-	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+` + tinyguest.PICInit(0xfe) + tinyguest.PIT1kHz + `
 	sti
 1:	hlt
 	cmpq $200, 0x90008
 	jb 1b
 	mov $1, %eax
-` + tinyguest.ExitWithEAX + `
-vec_32:
-	push %rax
-	incq 0x90008
-	mov $0x20, %al
-	out %al, $0x20
-	pop %rax
-	iretq
+` + tinyguest.ExitWithEAX + tinyguest.CountTicks + `
 `
 
 // TestRecordingOverhead measures (and logs: the figures are in

@@ -309,15 +309,7 @@ func startSharedGuest(t *testing.T, ns *netns) (v *vmm, disk, ctl string, pos in
 		t.Logf("shared guest restored from %s in %v", cache, time.Since(v.start).Round(time.Millisecond))
 		return v, disk, ctl, pos
 	}
-	if err := os.WriteFile(disk, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(disk, 16<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v: %s", err, out)
-	}
+	newExt4Disk(t, disk)
 	v = startVMM(t, ns, append([]string{"-kernel", kernel, "-initrd", initrd, "-disk", disk, "-control", ctl}, sharedGuestFlags...)...)
 	pos = v.waitFor(t, "Welcome to u-root", 0, 15*time.Minute)
 	pos = v.waitFor(t, "gokvm: network configured", pos, 5*time.Minute)
@@ -336,6 +328,20 @@ func startSharedGuest(t *testing.T, ns *netns) (v *vmm, disk, ctl string, pos in
 	}
 	os.RemoveAll(tmpSnap)
 	return v, disk, ctl, pos
+}
+
+// newExt4Disk makes a 16 MiB raw image with an empty ext4 file system.
+func newExt4Disk(t *testing.T, path string) {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", path).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v: %s", err, out)
+	}
 }
 
 // runSelf runs `gokvm-ft ARGS` (this test binary in gokvm-ft mode).

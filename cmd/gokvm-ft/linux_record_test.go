@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -31,15 +30,7 @@ func journalGuestSnapshot(t *testing.T, ns *netns) string {
 	}
 	tmp := t.TempDir()
 	disk := filepath.Join(tmp, "disk.img")
-	if err := os.WriteFile(disk, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(disk, 16<<20); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.ext4: %v: %s", err, out)
-	}
+	newExt4Disk(t, disk)
 	ctl := filepath.Join(tmp, "vm.sock")
 	v := startVMM(t, ns, append([]string{"record", "-log", filepath.Join(tmp, "boot.ftlog"),
 		"-kernel", kernel, "-initrd", initrd, "-disk", disk, "-control", ctl}, sharedGuestFlags...)...)

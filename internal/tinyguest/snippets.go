@@ -9,6 +9,22 @@ const (
 	mov $0x501, %dx
 	out %eax, %dx
 `
+	// PIT1kHz programs PIT channel 0 as a 1 kHz rate generator (IRQ0).
+	PIT1kHz = `
+	mov $0x34, %al; out %al, $0x43
+	mov $1193, %ax; out %al, $0x40; mov %ah, %al; out %al, $0x40
+`
+	// CountTicks is an IRQ0 handler (vector 32, as PICInit sets) that
+	// counts ticks at 0x90008 and acknowledges them at the PIC.
+	CountTicks = `
+vec_32:
+	push %rax
+	incq 0x90008
+	mov $0x20, %al
+	out %al, $0x20
+	pop %rax
+	iretq
+`
 	// ToUser drops to CPL3 at label user with IF=1 and the user stack.
 	ToUser = `
 	pushq $0x1b
