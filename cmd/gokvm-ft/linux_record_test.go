@@ -167,6 +167,10 @@ func TestLinuxRecordReplay(t *testing.T) {
 	select {
 	case code := <-rp.done:
 		if code != 0 {
+			kept := filepath.Join(os.TempDir(), fmt.Sprintf("gokvm-ft-failed-replay-%d.ftlog", os.Getpid()))
+			if err := os.Rename(logFile, kept); err == nil {
+				t.Logf("the log is kept for study: gokvm-ft replay -log %s", kept)
+			}
 			t.Fatalf("replay: exit status %d: %s", code, rp.stderr.String())
 		}
 	case <-time.After(15 * time.Minute):
