@@ -37,6 +37,11 @@ func TestFlagsNameTheBadOne(t *testing.T) {
 		"-net tap=t0,speed=10":              "-net",
 		"-net tap=averyveryverylongname":    "-net",
 		"stray":                             "stray",
+		"-host-cpu 4096":                    "-host-cpu",
+		"-host-cpu -2":                      "-host-cpu",
+		"record -log l -delta-after -1s":    "-delta-after",
+		"record -log l -digest-every x":     "-digest-every",
+		"record -delta-after 1ms":           "-log",
 	} {
 		var stderr bytes.Buffer
 		if code := run(strings.Fields(args), nil, &bytes.Buffer{}, &stderr); code != exitUsage {
