@@ -5,7 +5,7 @@ GOFLAGS  ?=
 # Tests that touch /dev/kvm run one package at a time: the lab has 2 cores
 # and timing-sensitive guests should not fight each other for them.
 TESTFLAGS ?= -p 1 -count=1 -timeout 20m
-# The bounded fuzz runs (virtio descriptor chains, snapshot and log decoders) in make test.
+# The bounded fuzz runs (virtio descriptor chains, snapshot, log and sync-point decoders) in make test.
 FUZZTIME ?= 30s
 
 .PHONY: all build images run test race vet fmt bench bench-boot bench-net clean
@@ -31,6 +31,7 @@ test: vet images
 	$(GO) test -run '^$$' -fuzz '^FuzzChain$$' -fuzztime $(FUZZTIME) ./virtio/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s ./snapshot/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s ./ft/ftlog/
+	$(GO) test -run '^$$' -fuzz '^FuzzSyncPoint$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s ./machine/
 	$(MAKE) -C images test
 
 vet:
