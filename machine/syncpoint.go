@@ -512,6 +512,9 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 	for k, i := range sp.Pages {
 		copy(mem[i*PageSize:(i+1)*PageSize], sp.Data[k*PageSize:(k+1)*PageSize])
 		m.sync.hash.rehash(mem, i)
+		// Other dirty sets (a snapshot, a live transfer of this replica)
+		// must see the page; ours rehashes it once more, harmlessly.
+		m.mem.MarkDirty(i*PageSize, PageSize)
 	}
 	if err := m.RestoreVCPU(sp.VCPU); err != nil {
 		return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
