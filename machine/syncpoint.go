@@ -519,6 +519,13 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 	if err := m.RestoreVCPU(sp.VCPU); err != nil {
 		return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
 	}
+	// The delta rewrote guest page tables behind KVM's back, and the
+	// TLB flushes the recording's guest made on the way were skipped: KVM
+	// must forget every translation it holds (shadow pages on the lab
+	// host, EPT and the TLB on bare metal).
+	if err := m.zapTranslations(); err != nil {
+		return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
+	}
 	d, _, devs, err := m.syncDigestParts()
 	if err != nil {
 		return err
@@ -612,3 +619,26 @@ func (m *Machine) deltaReady() (bool, error) {
 }
 
 const rflagsIF = 1 << 9
+
+// zapTranslations makes KVM drop every translation it built from guest
+// memory (shadow or EPT page tables, and with them the guest's TLB) by
+// deleting the RAM slot and adding it again. Pages written since the last
+// collection are collected first: the slot's dirty log goes with it.
+func (m *Machine) zapTranslations() error {
+	var flags uint32
+	if m.dirtyLog {
+		if err := m.collectDirty(); err != nil {
+			return err
+		}
+		flags = kvm.MemLogDirtyPages
+	}
+	region := kvm.UserMemoryRegion{Slot: 0, UserspaceAddr: kvm.HostAddr(m.mem.host())}
+	if err := m.vm.SetUserMemoryRegion(region); err != nil {
+		return fmt.Errorf("dropping KVM's translations (removing the RAM slot): %w", err)
+	}
+	region.Flags, region.MemorySize = flags, m.mem.Size()
+	if err := m.vm.SetUserMemoryRegion(region); err != nil {
+		return fmt.Errorf("dropping KVM's translations (adding the RAM slot again): %w", err)
+	}
+	return nil
+}
