@@ -54,15 +54,7 @@ user:
 	cmpq $20, 0x90020
 	jb user
 	mov 0x90020, %eax
-	mov $0x501, %dx
-	out %eax, %dx
-vec_32:
-	push %rax
-	incq 0x90008
-	mov $0x20, %al
-	out %al, $0x20
-	pop %rax
-	iretq
+` + tinyguest.ExitWithEAX + tinyguest.CountTicks + `
 vec_36:
 	push %rax
 	push %rdx

@@ -41,15 +41,7 @@ user:
 	cmpq $0x4000000, 0x90000
 	jb user
 	mov 0x90010, %rax
-` + exitWithEAX + `
-vec_32:
-	push %rax
-	incq 0x90008
-	mov $0x20, %al
-	out %al, $0x20
-	pop %rax
-	iretq
-`
+` + exitWithEAX + tinyguest.CountTicks
 
 func newCounting(t *testing.T, clock machine.Clock) *guest {
 	g := newGuest(t, countingGuest, machine.Config{Clock: clock}, tinyguest.Options{Kernel: true})
