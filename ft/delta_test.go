@@ -354,28 +354,28 @@ func TestDeltaFollowFile(t *testing.T) {
 }
 
 // TestSyncCheckNamesRegisters: a register that differs in a replay (here
-// R15, which the busy guest never touches, so nothing else changes) is
-// caught at the next digest check, by name.
+// R15, which the fixed-work guest never touches, so nothing else changes)
+// is caught at the next digest check, by name. (No console input here: on
+// the lab host, with the dirty log on, the kernel-mode UART handler of the
+// busy guest now and then lost a byte in recording, see BENCHMARKS.md.)
 func TestSyncCheckNamesRegisters(t *testing.T) {
+	work, err := tinyguest.Assemble(t.TempDir(), workGuest)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var log bytes.Buffer
 	rec, err := ft.NewRecorder(&log, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	src := newDeltaMachine(t, prog, deltaConfig(rec, false), true)
-	go func() {
-		for i := 0; i < 20; i++ {
-			time.Sleep(time.Millisecond)
-			src.DeliverSerial([]byte{'x'})
-		}
-	}()
+	src := newDeltaMachine(t, work, deltaConfig(rec, false), true)
 	if _, err := src.Run(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if err := rec.Finish(src); err != nil {
 		t.Fatal(err)
 	}
-	_, err = replaySync(t, prog, true, log.Bytes(), func(m *machine.Machine) {
+	_, err = replaySync(t, work, true, log.Bytes(), func(m *machine.Machine) {
 		r, err := m.VCPU().GetRegs()
 		if err != nil {
 			t.Error(err)
