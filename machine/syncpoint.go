@@ -513,7 +513,7 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 		copy(mem[i*PageSize:(i+1)*PageSize], sp.Data[k*PageSize:(k+1)*PageSize])
 		m.sync.hash.rehash(mem, i)
 		// Other dirty sets (a snapshot, a live transfer of this replica)
-		// must see the page; ours rehashes it once more, harmlessly.
+		// must see the page.
 		m.mem.MarkDirty(i*PageSize, PageSize)
 	}
 	if err := m.RestoreVCPU(sp.VCPU); err != nil {
@@ -526,6 +526,10 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 	if err := m.zapTranslations(); err != nil {
 		return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
 	}
+	// zapTranslations collected the dirty pages, which since syncDirty
+	// above are only the delta's, already hashed: our set need not
+	// hash them again at the next sync point.
+	clear(m.sync.dirty.bits)
 	d, _, devs, err := m.syncDigestParts()
 	if err != nil {
 		return err
