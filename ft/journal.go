@@ -166,6 +166,9 @@ type Replayer struct {
 	follow bool
 	poll   time.Duration
 	stop   <-chan struct{}
+	wake   <-chan struct{}
+	// stopSeen: stop closed; the reader had one more look for log.
+	stopSeen bool
 	// covered: the recorder wrote every entry at or before this exit
 	// (its latest Progress entry).
 	covered uint64
@@ -200,6 +203,18 @@ func NewFollowingReplayer(r io.Reader, poll time.Duration, stop <-chan struct{})
 	}
 }
 
+// ErrStopped is a following replayer's error once its stop channel closed
+// while it waited at the end of the log.
+var ErrStopped = errors.New("stopped waiting for more log")
+
+// WakeOn makes a following replayer look for more log as soon as ch
+// receives (a channel that says log arrived), not only every poll.
+func (r *Replayer) WakeOn(ch <-chan struct{}) { r.wake = ch }
+
+// Offset is how much of the log the replayer has read and decoded, in
+// bytes from its start.
+func (r *Replayer) Offset() int64 { return r.dec.Offset() }
+
 // wait decides, after err from the decoder, whether to wait for more log.
 func (r *Replayer) wait(err error) error {
 	if !r.follow || !errors.Is(err, ftlog.ErrTruncated) {
@@ -207,8 +222,22 @@ func (r *Replayer) wait(err error) error {
 	}
 	select {
 	case <-r.stop:
-		return fmt.Errorf("stopped waiting for more log: %w", err)
-	case <-time.After(r.poll):
+		// Log that came before stop closed is read first: one more look.
+		if r.stopSeen {
+			return fmt.Errorf("%w (%v)", ErrStopped, err)
+		}
+		r.stopSeen = true
+		return nil
+	default:
+	}
+	t := time.NewTimer(r.poll)
+	defer t.Stop()
+	select {
+	case <-r.stop:
+		return nil // the first case above answers next time
+	case <-r.wake:
+		return nil
+	case <-t.C:
 		return nil
 	}
 }

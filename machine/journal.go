@@ -224,3 +224,17 @@ func (m *Machine) journalPoint(ctx context.Context, p Position, halted bool) err
 		}
 	}
 }
+
+// ContinueLive makes the host's clock continue from the guest's time. A
+// backup that replayed a log calls it when it goes live, so that guest time
+// goes on from where the log left it (its own host clock has meant nothing
+// until then). Call it from a journal method (the vCPU thread) or while the
+// machine is stopped.
+func (m *Machine) ContinueLive() {
+	if m.stepped == nil {
+		return
+	}
+	if c, ok := m.hostClock.(interface{ Set(time.Duration) }); ok {
+		c.Set(m.stepped.Now())
+	}
+}

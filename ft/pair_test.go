@@ -1,0 +1,415 @@
+package ft_test
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+
+	"github.com/gokvm-ft/gokvm-ft/ft"
+	"github.com/gokvm-ft/gokvm-ft/ft/arbiter"
+	"github.com/gokvm-ft/gokvm-ft/ft/channel"
+	"github.com/gokvm-ft/gokvm-ft/internal/netproxy"
+	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
+	"github.com/gokvm-ft/gokvm-ft/machine"
+)
+
+// seqOutputs is how many numbered outputs seqGuest sends.
+const seqOutputs = 1500
+
+// seqGuest counts in user mode with the PIT ticking at 1 kHz; every 2^18
+// counts it sends the next sequence number (1, 2, ...) as output through
+// port 0x600, and after seqOutputs of them it exits with 1. Its output
+// shows what a failover loses or repeats.
+var seqGuest = `
+_start:
+` + tinyguest.PICInit(0xfe) + tinyguest.PIT1kHz + tinyguest.ToUser + `
+user:
+	incq 0x90000
+	mov 0x90000, %rax
+	test $0x3ffff, %rax
+	jnz user
+	incq 0x90030
+	mov 0x90030, %rax
+	mov $0x600, %dx
+	out %eax, %dx
+	cmpq $` + fmt.Sprint(seqOutputs) + `, 0x90030
+	jb user
+	mov $1, %eax
+` + tinyguest.ExitWithEAX + tinyguest.CountTicks
+
+var (
+	seqOnce sync.Once
+	seqProg *tinyguest.Program
+	seqErr  error
+)
+
+func seqProgram(t *testing.T) *tinyguest.Program {
+	seqOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "ft-pair")
+		if err != nil {
+			seqErr = err
+			return
+		}
+		defer os.RemoveAll(dir)
+		seqProg, seqErr = tinyguest.Assemble(dir, seqGuest)
+	})
+	if seqErr != nil {
+		t.Fatal(seqErr)
+	}
+	return seqProg
+}
+
+// wire collects the outputs that left a pair's VMMs, as the network would.
+type wire struct {
+	mu   sync.Mutex
+	got  []sent
+	emit map[string]map[uint32]time.Time // per VMM: when the guest produced each
+}
+
+type sent struct {
+	vmm      string
+	seq      uint32
+	produced time.Time
+	left     time.Time
+}
+
+func newWire() *wire { return &wire{emit: map[string]map[uint32]time.Time{}} }
+
+// seqDevice is port 0x600: each 4-byte write is one output.
+type seqDevice struct {
+	w    *wire
+	vmm  string
+	port *machine.OutputPort
+}
+
+func (d *seqDevice) ReadPort(uint16, []byte) {}
+
+func (d *seqDevice) WritePort(_ uint16, data []byte) {
+	if len(data) != 4 {
+		return
+	}
+	v := binary.LittleEndian.Uint32(data)
+	d.w.mu.Lock()
+	if _, ok := d.w.emit[d.vmm][v]; !ok {
+		d.w.emit[d.vmm][v] = time.Now()
+	}
+	d.w.mu.Unlock()
+	d.port.Emit(buffer.MakeWithData(append([]byte(nil), data...)))
+}
+
+// pairNode builds a VMM of a pair running seqGuest.
+func pairNode(t *testing.T, w *wire, name string, arb arbiter.Arbiter) (*ft.Node, *machine.Runner) {
+	t.Helper()
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		t.Skip("no /dev/kvm")
+	}
+	sw := ft.NewSwitch(nil)
+	cfg := deltaConfig(sw, true)
+	m := newDeltaMachine(t, seqProgram(t), cfg, true)
+	w.mu.Lock()
+	w.emit[name] = map[uint32]time.Time{}
+	w.mu.Unlock()
+	dev := &seqDevice{w: w, vmm: name}
+	dev.port = m.NewOutputPort("seq", func(b buffer.Buffer) {
+		v := binary.LittleEndian.Uint32(b.Flatten())
+		b.Release()
+		w.mu.Lock()
+		w.got = append(w.got, sent{vmm: name, seq: v, produced: w.emit[name][v], left: time.Now()})
+		w.mu.Unlock()
+	})
+	if err := m.RegisterPort(0x600, 4, dev); err != nil {
+		t.Fatal(err)
+	}
+	n := ft.NewNode(m, sw, arb, name, nil)
+	n.ClaimTimeout = 2 * time.Second
+	return n, &machine.Runner{M: m}
+}
+
+type pairRig struct {
+	w                *wire
+	primary, backup  *ft.Node
+	pRunner, bRunner *machine.Runner
+	pConn, bConn     *channel.Conn
+	proxy            *netproxy.Proxy
+	arb              arbiter.Arbiter
+}
+
+var pairKey = []byte("pair-test-key-0123456789")
+
+// newPair starts a protected pair on loopback, through a proxy; tune, if
+// set, adjusts the channel's configuration.
+func newPair(t *testing.T, tune ...func(*channel.Config)) *pairRig {
+	t.Helper()
+	arb, err := arbiter.Open("file:" + t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &pairRig{w: newWire(), arb: arb}
+	r.primary, r.pRunner = pairNode(t, r.w, "A", arb)
+	r.backup, r.bRunner = pairNode(t, r.w, "B", arb)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if res, err := r.primary.Claim(ctx, 0); err != nil || !res.Won {
+		t.Fatalf("the primary's first claim: %+v, %v", res, err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if r.proxy, err = netproxy.New(ln.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.proxy.Close)
+	cfg := channel.Config{Key: pairKey, Timeout: 150 * time.Millisecond}
+	for _, f := range tune {
+		f(&cfg)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err == nil {
+			c := cfg
+			c.Role = channel.Primary
+			r.pConn, err = channel.Handshake(nc, c)
+		}
+		errc <- err
+	}()
+	bcfg := cfg
+	bcfg.Role = channel.Backup
+	if r.bConn, err = channel.Dial(ctx, r.proxy.Addr(), bcfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.pConn.Abort(); r.bConn.Abort() })
+	if err := r.primary.Protect(r.pConn); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.backup.Follow(r.bConn, r.primary.Epoch()); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+type runResult struct {
+	stop machine.Stop
+	err  error
+}
+
+func (r *pairRig) start() (p, b chan runResult) {
+	p, b = make(chan runResult, 1), make(chan runResult, 1)
+	for _, x := range []struct {
+		n  *ft.Node
+		rn *machine.Runner
+		c  chan runResult
+	}{{r.primary, r.pRunner, p}, {r.backup, r.bRunner, b}} {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			stop, err := x.n.Run(ctx, x.rn)
+			x.c <- runResult{stop, err}
+		}()
+	}
+	return p, b
+}
+
+// waitOutputs waits until n outputs left the pair.
+func (r *pairRig) waitOutputs(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		r.w.mu.Lock()
+		k := len(r.w.got)
+		r.w.mu.Unlock()
+		if k >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d outputs after a minute", k)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// check verifies that the world saw every sequence number, in order, each
+// once except a re-sent tail at a failover, and returns the largest gap
+// between two new numbers leaving and how many outputs were repeats.
+func (r *pairRig) check(t *testing.T) (gap time.Duration, repeated int) {
+	t.Helper()
+	r.w.mu.Lock()
+	defer r.w.mu.Unlock()
+	var next uint32 = 1
+	var last time.Time // when the previous new number left
+	for i, s := range r.w.got {
+		switch {
+		case s.seq == next:
+			next++
+			if !last.IsZero() {
+				gap = max(gap, s.left.Sub(last))
+			}
+			last = s.left
+		case s.seq < next:
+			repeated++
+		default:
+			t.Fatalf("output %d: %s sent %d after %d: %d lost", i, s.vmm, s.seq, next-1, s.seq-next)
+		}
+	}
+	if next != seqOutputs+1 {
+		t.Fatalf("the world saw outputs up to %d of %d", next-1, seqOutputs)
+	}
+	return gap, repeated
+}
+
+func wantExit(t *testing.T, who string, res runResult) {
+	t.Helper()
+	if res.err != nil || res.stop.Kind != machine.StopTestExit || res.stop.Code != 1 {
+		t.Fatalf("%s: %v, %v", who, res.stop, res.err)
+	}
+}
+
+// A protected pair: the backup follows the primary to the guest's exit and
+// ends in the same state; every output left once, from the primary.
+func TestPairFollowsToTheEnd(t *testing.T) {
+	r := newPair(t)
+	p, b := r.start()
+	wantExit(t, "primary", <-p)
+	// The backup reaches the guest's exit too (or the log's end just
+	// before it) and checks the primary's final digest.
+	res := <-b
+	if res.err != nil || (res.stop.Kind != machine.StopLogEnd && res.stop.Kind != machine.StopTestExit) {
+		t.Fatalf("backup: %v, %v", res.stop, res.err)
+	}
+	if _, rep := r.check(t); rep != 0 {
+		t.Fatalf("%d outputs repeated without a failover", rep)
+	}
+	for _, s := range r.w.got {
+		if s.vmm != "A" {
+			t.Fatalf("the backup's guest output left: %+v", s)
+		}
+	}
+	st := r.backup.M.Stats()
+	t.Logf("backup: %d state deltas applied, %d digest checks passed; primary: %d deltas, %d log bytes", st.Deltas, st.SyncChecks, r.primary.M.Stats().Deltas, r.pConn.Sent())
+	if st.SyncChecks == 0 {
+		t.Fatal("no digest checks")
+	}
+}
+
+// Output waits for the backup's acknowledgement: acknowledgements that
+// come late make output late, by as much.
+func TestPairOutputWaitsForAck(t *testing.T) {
+	// No lag bound: the late acknowledgements would also make the
+	// backup look behind, and slow the guest.
+	r := newPair(t, func(c *channel.Config) { c.MaxLag = -1 })
+	const delay = 100 * time.Millisecond
+	r.proxy.Delay(netproxy.Back, delay) // the backup's acks
+	p, b := r.start()
+	wantExit(t, "primary", <-p)
+	<-b
+	r.check(t)
+	r.w.mu.Lock()
+	defer r.w.mu.Unlock()
+	// An output waits for the acknowledgement of the log up to it, which
+	// went out with the last entry before it: at most a few ms before the
+	// output (the PIT logs an interrupt every ms).
+	var sum time.Duration
+	for _, s := range r.w.got {
+		held := s.left.Sub(s.produced)
+		if held < delay-10*time.Millisecond {
+			t.Fatalf("output %d left %v after the guest produced it, before its log could be acknowledged (acks take %v)", s.seq, held, delay)
+		}
+		sum += held
+	}
+	mean := sum / time.Duration(len(r.w.got))
+	t.Logf("mean hold %v with acks delayed %v", mean, delay)
+	if mean < delay {
+		t.Fatalf("mean hold %v, under the acknowledgement delay %v", mean, delay)
+	}
+}
+
+// The primary dies mid-stream: the backup notices, wins the arbiter, goes
+// live where the log ends and finishes the guest's work; the world sees
+// every output, none lost.
+func TestPairFailover(t *testing.T) {
+	r := newPair(t)
+	var live time.Time
+	r.backup.OnLive = func() { live = time.Now() }
+	p, b := r.start()
+	r.waitOutputs(t, seqOutputs/3)
+	killed := time.Now()
+	r.primary.Crash()
+	<-p
+	wantExit(t, "backup", <-b)
+	gap, rep := r.check(t)
+	if r.backup.Role() != ft.RoleAlone {
+		t.Fatalf("backup's role after the failover: %v", r.backup.Role())
+	}
+	h, err := r.arb.Current(context.Background())
+	if err != nil || h.Owner != "B" || h.Epoch != 2 {
+		t.Fatalf("arbiter: %v, %v", h, err)
+	}
+	st := r.backup.M.Stats()
+	t.Logf("failover: live %v after the kill; largest output gap %v; %d outputs sent again; backup passed %d digest checks, applied %d deltas",
+		live.Sub(killed), gap, rep, st.SyncChecks, st.Deltas)
+}
+
+// The backup dies: the primary wins the arbiter and goes on alone; nothing
+// it held is lost.
+func TestPairBackupLost(t *testing.T) {
+	r := newPair(t)
+	p, b := r.start()
+	r.waitOutputs(t, seqOutputs/3)
+	r.backup.Crash()
+	<-b
+	wantExit(t, "primary", <-p)
+	if _, rep := r.check(t); rep != 0 {
+		t.Fatalf("%d repeated", rep)
+	}
+	if r.primary.Role() != ft.RoleAlone {
+		t.Fatalf("primary's role: %v", r.primary.Role())
+	}
+}
+
+// The logging channel alone is cut: both VMMs live, both claim; exactly
+// one goes on, the other stops, and the guest's work completes.
+func TestPairChannelCut(t *testing.T) {
+	r := newPair(t)
+	p, b := r.start()
+	r.waitOutputs(t, seqOutputs/3)
+	r.proxy.Freeze(netproxy.Forward, true)
+	r.proxy.Freeze(netproxy.Back, true)
+	pr, br := <-p, <-b
+	var winner string
+	for _, x := range []struct {
+		who string
+		res runResult
+	}{{"A", pr}, {"B", br}} {
+		if x.res.err == nil {
+			if winner != "" {
+				t.Fatal("both VMMs finished the guest: split brain")
+			}
+			winner = x.who
+			wantExit(t, x.who, x.res)
+		} else if !errors.Is(x.res.err, context.Canceled) {
+			t.Logf("%s stopped: %v", x.who, x.res.err)
+		}
+	}
+	if winner == "" {
+		t.Fatalf("no VMM went on: %v / %v", pr.err, br.err)
+	}
+	h, _ := r.arb.Current(context.Background())
+	if h.Owner != winner {
+		t.Fatalf("arbiter holder %v, winner %s", h, winner)
+	}
+	gap, rep := r.check(t)
+	t.Logf("%s went on; gap %v, %d repeated", winner, gap, rep)
+}
