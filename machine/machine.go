@@ -192,7 +192,10 @@ type Machine struct {
 	irqDue, nextDue        time.Duration
 	inputPorts             []*InputPort
 	gate                   OutputGate
-	virtio                 []*VirtioSlot
+	// restoredReady: ReadyForInterrupt of the restored state, for the
+	// first injection decision (hasRestoredReady).
+	restoredReady, hasRestoredReady bool
+	virtio                          []*VirtioSlot
 
 	kickMu sync.Mutex
 	closed bool
@@ -793,7 +796,7 @@ func (m *Machine) recordDelta(ctx context.Context) (bool, Position, error) {
 // next deterministic exit where it can.
 func (m *Machine) injectJournal(p Position) (int, error) {
 	m.cpu.SetRequestInterruptWindow(false)
-	ready := m.cpu.ReadyForInterruptInjection() && m.cpu.IFFlag()
+	ready := m.readyForInterrupt()
 	if m.sync != nil {
 		m.sync.window = false
 		if m.sync.atDelta {
@@ -819,6 +822,16 @@ func (m *Machine) injectJournal(p Position) (int, error) {
 		m.irqDue = m.stepped.Now()
 	}
 	return int(v), m.journal.Injected(p, v)
+}
+
+// readyForInterrupt is whether the vCPU can take an interrupt now, as KVM
+// said at the last exit; right after a restore, as the snapshot says.
+func (m *Machine) readyForInterrupt() bool {
+	if m.hasRestoredReady {
+		m.hasRestoredReady = false
+		return m.restoredReady
+	}
+	return m.cpu.ReadyForInterruptInjection() && m.cpu.IFFlag()
 }
 
 func (m *Machine) exitError(r kvm.ExitReason, detail string) error {
@@ -848,7 +861,7 @@ func (m *Machine) inject() (int, error) {
 		m.cpu.SetRequestInterruptWindow(false)
 		return -1, nil
 	}
-	if m.cpu.ReadyForInterruptInjection() && m.cpu.IFFlag() {
+	if m.readyForInterrupt() {
 		v := m.PIC.Acknowledge()
 		if err := m.cpu.Interrupt(v); err != nil {
 			return -1, err

@@ -40,15 +40,21 @@ type State struct {
 	// continues from it, and the PIT and RTC keep their phase.
 	Clock time.Duration
 	// Exits is the deterministic exit count: positions continue.
-	Exits  uint64
-	VCPU   VCPUState
-	PIC    pic.State
-	PIT    pit.State
-	UART   uart.State
-	RTC    rtc.State
-	I8042  I8042State
-	SysCtl SysCtlState
-	Virtio []VirtioState
+	Exits uint64
+	// ReadyForInterrupt is whether the vCPU could take an interrupt at
+	// the snapshot, as KVM said at the last exit. A restored vCPU has not
+	// exited yet, so KVM's flag is stale there: the first injection
+	// decision uses this one, as the source's would have (a replica then
+	// injects where its primary does).
+	ReadyForInterrupt bool `json:",omitempty"`
+	VCPU              VCPUState
+	PIC               pic.State
+	PIT               pit.State
+	UART              uart.State
+	RTC               rtc.State
+	I8042             I8042State
+	SysCtl            SysCtlState
+	Virtio            []VirtioState
 }
 
 // SysCtlState is the guest-visible state of ports 0x92 and 0xCF9.
@@ -96,6 +102,7 @@ func (m *Machine) Save() (*State, error) {
 	}
 	s := m.saveDevices()
 	s.VCPU = *v
+	s.ReadyForInterrupt = m.cpu.ReadyForInterruptInjection() && m.cpu.IFFlag()
 	return s, nil
 }
 
@@ -220,6 +227,7 @@ func (m *Machine) Restore(s *State) error {
 		}
 	}
 	m.exits = s.Exits
+	m.restoredReady, m.hasRestoredReady = s.ReadyForInterrupt, true
 	m.hasArmed = false // re-arm the PIT wake-up on the restored timeline
 	m.restoreFailed = false
 	return nil
