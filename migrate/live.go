@@ -25,6 +25,11 @@ type SendOptions struct {
 	// Release gives up the host resources the destination takes over (the
 	// tap) once the destination holds the guest, before it starts it.
 	Release func() error
+	// Keep, if set, makes the transfer a copy instead of a move (an FT
+	// backup joining): once the destination holds the state and was told
+	// to start, Keep runs, still in the pause, and the guest then resumes
+	// here. Release is not called.
+	Keep func() error
 	// Progress, if set, is told about each round.
 	Progress func(Progress)
 	// MaxRounds bounds the pre-copy rounds after the first full copy
@@ -84,6 +89,16 @@ func count(bm []uint64) int {
 
 type deadliner interface{ SetDeadline(time.Time) error }
 
+// bufferedReader reads conn through the buffer it offers, if it has one (an
+// FT channel's stream, which carries framed traffic after the transfer:
+// nothing of it may stay behind in a buffer of ours), else a new one.
+func bufferedReader(conn io.Reader, size int) *bufio.Reader {
+	if b, ok := conn.(interface{ BufferedReader() *bufio.Reader }); ok {
+		return b.BufferedReader()
+	}
+	return bufio.NewReaderSize(conn, size)
+}
+
 // Send moves the running machine m to the destination at the other end of
 // conn. It copies memory while the guest runs, round after round, until
 // little is left, then stops the guest (o.Pause), sends the rest, the
@@ -118,7 +133,7 @@ var errMoved = errors.New("the guest left this VMM but the hand-over failed")
 // explain replaces a write error with the destination's refusal, when it
 // sent one before closing the connection.
 func explain(conn io.ReadWriter, err error) error {
-	if r, rerr := readReply(conn, bufio.NewReader(conn), time.Second); rerr == nil && r.Error != "" {
+	if r, rerr := readReply(conn, bufferedReader(conn, 4096), time.Second); rerr == nil && r.Error != "" {
 		return fmt.Errorf("the destination refused the guest: %s", r.Error)
 	}
 	return err
@@ -132,7 +147,7 @@ func send(conn io.ReadWriter, m *machine.Machine, o SendOptions, start time.Time
 	}
 	defer ds.Close()
 	bw := bufio.NewWriterSize(conn, 1<<20)
-	br := bufio.NewReader(conn)
+	br := bufferedReader(conn, 4096)
 	enc, err := snapshot.NewEncoder(bw, m.Memory().Size())
 	if err != nil {
 		return res, err
@@ -214,6 +229,14 @@ func send(conn io.ReadWriter, m *machine.Machine, o SendOptions, start time.Time
 		if !r.Ready {
 			return false, fmt.Errorf("the destination refused the guest: %s", r.Error)
 		}
+		if o.Keep != nil {
+			// A copy: the guest goes on here, from this very state.
+			if err := writeReply(bw, reply{Released: true}); err != nil {
+				return false, fmt.Errorf("telling the destination to start: %w", err)
+			}
+			res.Downtime = time.Since(stopped)
+			return false, o.Keep()
+		}
 		// From here the destination holds the guest: it must not run here.
 		moved = true
 		if o.Release != nil {
@@ -282,7 +305,7 @@ func Receive(conn io.ReadWriter, o ReceiveOptions) (m *machine.Machine, res Resu
 		o.Progress = func(Progress) {}
 	}
 	start := time.Now()
-	br := bufio.NewReaderSize(conn, 1<<20)
+	br := bufferedReader(conn, 1<<20)
 	bw := bufio.NewWriter(conn)
 	defer func() {
 		if err != nil && m != nil {

@@ -130,9 +130,11 @@ func (c *Config) defaults() {
 
 // Conn is one end of an established channel.
 type Conn struct {
-	nc   net.Conn
-	cfg  Config
-	peer []byte // the peer's compatibility record
+	nc        net.Conn
+	br        *bufio.Reader
+	cfg       Config
+	peer      []byte // the peer's compatibility record
+	startOnce sync.Once
 
 	wmu      sync.Mutex
 	bw       *bufio.Writer
@@ -160,25 +162,22 @@ type flight struct {
 	at  time.Time
 }
 
-// Dial connects to a primary at addr and runs the handshake.
+// Dial connects to a primary at addr and runs the handshake; the channel
+// is established, not started.
 func Dial(ctx context.Context, addr string, cfg Config) (*Conn, error) {
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	c, err := Handshake(nc, cfg)
-	if err != nil {
-		nc.Close()
-		return nil, err
-	}
-	return c, nil
+	return Establish(nc, cfg)
 }
 
-// Handshake authenticates the peer on nc and checks compatibility both
-// ways. On failure it tells the peer why (if it can), closes nc and returns
-// an error wrapping ErrRefused (or the connection's error).
-func Handshake(nc net.Conn, cfg Config) (*Conn, error) {
+// Establish authenticates the peer on nc and checks compatibility both
+// ways, without starting the channel (see Start, Stream). On failure it
+// tells the peer why (if it can), closes nc and returns an error wrapping
+// ErrRefused (or the connection's error).
+func Establish(nc net.Conn, cfg Config) (*Conn, error) {
 	cfg.defaults()
 	if len(cfg.Key) < MinKey {
 		if nc != nil {
@@ -193,17 +192,57 @@ func Handshake(nc net.Conn, cfg Config) (*Conn, error) {
 	c := &Conn{nc: nc, cfg: cfg, bw: bufio.NewWriterSize(nc, 64<<10), arrived: make(chan struct{}, 1),
 		changed: make(chan struct{}), control: make(chan []byte, 16), dead: make(chan struct{})}
 	nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
-	br := bufio.NewReader(nc)
-	if err := c.handshake(br); err != nil {
+	c.br = bufio.NewReader(nc)
+	if err := c.handshake(c.br); err != nil {
 		nc.Close()
 		return nil, err
 	}
 	nc.SetDeadline(time.Time{})
-	c.lastSend.Store(time.Now().UnixNano())
-	go c.readLoop(br)
-	go c.heartbeat()
 	return c, nil
 }
+
+// Handshake authenticates the peer on nc, checks compatibility both ways
+// and starts the channel. On failure it tells the peer why (if it can),
+// closes nc and returns an error wrapping ErrRefused (or the connection's
+// error).
+func Handshake(nc net.Conn, cfg Config) (*Conn, error) {
+	c, err := Establish(nc, cfg)
+	if err != nil {
+		return nil, err
+	}
+	c.Start()
+	return c, nil
+}
+
+// Start starts the framed channel (heartbeats, the reading of frames) on
+// an established connection. Until then the connection's Stream may carry
+// something else, such as the state transfer that makes a backup.
+func (c *Conn) Start() {
+	c.startOnce.Do(func() {
+		c.lastSend.Store(time.Now().UnixNano())
+		go c.readLoop(c.br)
+		go c.heartbeat()
+	})
+}
+
+// Stream is the established connection as a plain byte stream, for use
+// before Start. Its reads come through the channel's own buffer, which
+// BufferedReader returns, so that a reader that buffers too (migrate) can
+// share it and leave nothing of the framed channel behind in a buffer of
+// its own.
+func (c *Conn) Stream() *Stream { return &Stream{c} }
+
+// Stream is a Conn before Start.
+type Stream struct{ c *Conn }
+
+func (s *Stream) Read(p []byte) (int, error)  { return s.c.br.Read(p) }
+func (s *Stream) Write(p []byte) (int, error) { return s.c.nc.Write(p) }
+
+// SetDeadline sets the connection's deadline.
+func (s *Stream) SetDeadline(t time.Time) error { return s.c.nc.SetDeadline(t) }
+
+// BufferedReader is the buffer reads come through.
+func (s *Stream) BufferedReader() *bufio.Reader { return s.c.br }
 
 // refuse tells the peer why, then returns the local error.
 func (c *Conn) refuse(why string) error {

@@ -44,6 +44,9 @@ func pair(t *testing.T, pcfg, bcfg Config, via func(target string) string) (p, b
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	b, berr = Dial(ctx, addr, bcfg)
+	if berr == nil {
+		b.Start()
+	}
 	<-done
 	t.Cleanup(func() {
 		if p != nil {
@@ -238,7 +241,7 @@ func TestNoFalseLossUnderLoad(t *testing.T) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer close(stop)
-	for i := 0; i < 2*runtime.NumCPU(); i++ {
+	for i := 0; i < max(2, runtime.NumCPU()); i++ {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
@@ -265,14 +268,25 @@ func TestNoFalseLossUnderLoad(t *testing.T) {
 			}
 		}(i)
 	}
-	// Log flows meanwhile too.
+	// Log flows meanwhile too, and the backup applies it as it comes.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+				b.SetApplied(b.Received())
+			}
+		}
+	}()
 	w := p.LogWriter()
 	deadline := time.Now().Add(3 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, err := w.Write(make([]byte, 4096)); err != nil {
 			t.Fatal(err)
 		}
-		b.SetApplied(b.Received())
 		time.Sleep(time.Millisecond)
 	}
 	select {
