@@ -169,6 +169,9 @@ type Replayer struct {
 	wake   <-chan struct{}
 	// stopSeen: stop closed; the reader had one more look for log.
 	stopSeen bool
+	// waiting, if set, is called each time the replay waits for more log
+	// (it has applied everything that came).
+	waiting func()
 	// covered: the recorder wrote every entry at or before this exit
 	// (its latest Progress entry).
 	covered uint64
@@ -211,6 +214,11 @@ var ErrStopped = errors.New("stopped waiting for more log")
 // receives (a channel that says log arrived), not only every poll.
 func (r *Replayer) WakeOn(ch <-chan struct{}) { r.wake = ch }
 
+// WhileWaiting makes a following replayer call f each time it waits for
+// more log, having used all that came (an FT backup tells its primary so:
+// a replica that waits for log is not behind).
+func (r *Replayer) WhileWaiting(f func()) { r.waiting = f }
+
 // Offset is how much of the log the replayer has read and decoded, in
 // bytes from its start.
 func (r *Replayer) Offset() int64 { return r.dec.Offset() }
@@ -229,6 +237,9 @@ func (r *Replayer) wait(err error) error {
 		r.stopSeen = true
 		return nil
 	default:
+	}
+	if r.waiting != nil {
+		r.waiting()
 	}
 	t := time.NewTimer(r.poll)
 	defer t.Stop()

@@ -12,6 +12,7 @@ import (
 	"github.com/gokvm-ft/gokvm-ft/ft/arbiter"
 	"github.com/gokvm-ft/gokvm-ft/ft/channel"
 	"github.com/gokvm-ft/gokvm-ft/machine"
+	"github.com/gokvm-ft/gokvm-ft/migrate"
 )
 
 // Switch is the journal of a machine in an FT pair. A machine keeps the
@@ -126,6 +127,10 @@ type Node struct {
 	// (a backup that took over, on the vCPU thread): where the guest's
 	// addresses are announced.
 	OnLive func()
+	// Observe, if set, sees every output the guest produces, whatever
+	// becomes of it (on the vCPU thread; it must not keep o.Data): where
+	// the guest's addresses are learnt for OnLive.
+	Observe func(o machine.Output)
 
 	mu      sync.Mutex
 	role    Role
@@ -191,8 +196,14 @@ type session struct {
 	// says whether this node goes on alone.
 	decided chan struct{}
 	won     bool
-	// goLive closes when a backup won the arbiter and goes live.
-	goLive chan struct{}
+	// goLive closes (endFollow) when a backup's replay is to end where
+	// the log does: it won the arbiter and goes live, or it stops.
+	goLive     chan struct{}
+	goLiveOnce sync.Once
+	// tookOver closes when a primary's backup says it took over (a
+	// switchover).
+	tookOver     chan struct{}
+	tookOverOnce sync.Once
 	// recent is a backup's guest's output that the primary may not have
 	// released yet (the backup drops its own output while the primary
 	// lives): at go-live it leaves, since the primary may have died
@@ -233,6 +244,8 @@ func (n *Node) keepRecent(s *session, o machine.Output) {
 }
 
 // trimRecent drops the output the primary released; n.mu held.
+func (s *session) endFollow() { s.goLiveOnce.Do(func() { close(s.goLive) }) }
+
 func (s *session) trimRecent() {
 	i := 0
 	for i < len(s.recent) && s.recent[i].Exit <= s.releasedExit {
@@ -247,23 +260,35 @@ const (
 	// ctlReleased (primary to backup), then the exit count: every output
 	// the guest produced up to that exit has left.
 	ctlReleased = 'R'
+	// ctlSwitchover (primary to backup): the primary stopped its guest
+	// and sent all of its log; the backup is to take over.
+	ctlSwitchover = 'S'
+	// ctlTookOver (backup to primary): the backup won the arbiter for
+	// a switchover and goes live.
+	ctlTookOver = 'T'
 )
 
 func releasedMsg(exit uint64) []byte {
 	return binary.BigEndian.AppendUint64([]byte{ctlReleased}, exit)
 }
 
-// readControl serves a backup's control messages.
+// readControl serves the control messages of a session.
 func (n *Node) readControl(s *session) {
 	for {
 		select {
 		case <-s.conn.Dead():
 			return
 		case m := <-s.conn.Control():
-			if len(m) == 9 && m[0] == ctlReleased {
+			switch {
+			case len(m) == 9 && m[0] == ctlReleased:
 				n.mu.Lock()
 				s.releasedExit = max(s.releasedExit, binary.BigEndian.Uint64(m[1:]))
 				n.mu.Unlock()
+			case len(m) == 1 && m[0] == ctlSwitchover && s.rep != nil:
+				n.Logger.Info("switchover: the primary hands over")
+				go n.takeOver(s)
+			case len(m) == 1 && m[0] == ctlTookOver && s.rec != nil:
+				s.tookOverOnce.Do(func() { close(s.tookOver) })
 			}
 		}
 	}
@@ -336,8 +361,10 @@ func (n *Node) Protect(conn *channel.Conn) error {
 	s.rec = rec
 	n.session, n.role = s, RolePrimary
 	n.Journal.Set(rec)
+	s.tookOver = make(chan struct{})
 	go n.release(s)
 	go n.watchBackup(s)
+	go n.readControl(s)
 	n.Logger.Info("protected", "backup", conn.RemoteAddr(), "epoch", n.epoch)
 	return nil
 }
@@ -365,6 +392,7 @@ func (n *Node) Follow(conn *channel.Conn, epoch uint64) error {
 		return err
 	}
 	rep.WakeOn(conn.LogReader().Arrived())
+	rep.WhileWaiting(func() { conn.SetApplied(conn.Received()) })
 	s.rep = rep
 	n.session, n.role, n.epoch = s, RoleBackup, epoch
 	n.Journal.Set(&follower{n: n, s: s, rep: rep})
@@ -378,6 +406,9 @@ func (n *Node) Follow(conn *channel.Conn, epoch uint64) error {
 // backup has the log that produced it; a backup drops its guest's output
 // (the primary's went out); a node alone sends at once.
 func (n *Node) gate(o machine.Output) {
+	if n.Observe != nil {
+		n.Observe(o)
+	}
 	n.mu.Lock()
 	role, s := n.role, n.session
 	n.mu.Unlock()
@@ -550,7 +581,11 @@ func (n *Node) watchPrimary(s *session) {
 	err := s.conn.Err()
 	n.mu.Lock()
 	ended := n.followEnd || n.role != RoleBackup || n.session != s
+	switched := n.role == RoleAlone && n.session == s
 	n.mu.Unlock()
+	if switched {
+		return // a switchover made this node live already
+	}
 	var bye *channel.ByeError
 	if ended || errors.As(err, &bye) {
 		// The primary said goodbye: its guest stopped (the log ends with
@@ -559,10 +594,22 @@ func (n *Node) watchPrimary(s *session) {
 		n.mu.Lock()
 		n.stopped = err
 		n.mu.Unlock()
-		close(s.goLive) // the replay runs to the log's end and stops there
+		s.endFollow() // the replay runs to the log's end and stops there
 		return
 	}
 	n.Logger.Warn("primary lost", "primary", s.conn.RemoteAddr(), "err", err)
+	n.takeOver(s)
+}
+
+// takeOver claims the arbiter for a backup whose primary is gone (or
+// handing over); if it wins, the replay goes live where the log ends.
+func (n *Node) takeOver(s *session) {
+	n.mu.Lock()
+	if n.role != RoleBackup || n.session != s {
+		n.mu.Unlock()
+		return
+	}
+	n.mu.Unlock()
 	won := n.claimNext()
 	n.mu.Lock()
 	if won {
@@ -585,7 +632,57 @@ func (n *Node) watchPrimary(s *session) {
 	}
 	s.recent = nil
 	n.mu.Unlock()
-	close(s.goLive)
+	if won {
+		s.conn.SendControl([]byte{ctlTookOver}) // a switchover's primary waits for it
+	}
+	s.endFollow()
+}
+
+// Switchover hands the primary role to the backup without loss: the guest
+// stops here at a deterministic exit, the rest of the log goes out, and the
+// backup takes over (it claims the arbiter; this node does not contend
+// unless the backup fails to answer within timeout, when it claims for
+// itself and goes on alone if it wins). On success this node's run ends
+// with StopMoved.
+func (n *Node) Switchover(r *machine.Runner, timeout time.Duration) error {
+	n.mu.Lock()
+	s, role := n.session, n.role
+	n.mu.Unlock()
+	if role != RolePrimary {
+		return fmt.Errorf("ft: switchover: this VMM is %v, not a protected primary", role)
+	}
+	return r.Pause(func() (bool, error) {
+		if err := s.rec.Flush(); err != nil {
+			return false, err
+		}
+		if err := s.conn.SendControl([]byte{ctlSwitchover}); err != nil {
+			return false, fmt.Errorf("switchover: %w", err)
+		}
+		n.Logger.Info("switchover: the log is out, waiting for the backup to take over")
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		select {
+		case <-s.tookOver:
+			n.mu.Lock()
+			n.role, n.session = RoleStopped, nil
+			for _, h := range s.held {
+				h.o.Data.Release() // the backup sends what it may be
+			}
+			s.held = nil
+			n.mu.Unlock()
+			s.conn.Close("switched over: the backup is the primary now")
+			n.Logger.Info("switchover: done, the backup is live")
+			return true, nil
+		case <-s.conn.Dead():
+		case <-t.C:
+			s.conn.Abort() // no answer: decide at the arbiter
+		}
+		<-s.decided
+		if !s.won {
+			return true, errors.New("switchover: the backup took over but did not say so")
+		}
+		return false, errors.New("switchover: the backup did not take over; this VMM goes on alone")
+	})
 }
 
 // Crash stops the node at once, as if its host died: no word to the peer,
@@ -797,4 +894,36 @@ func (n *Node) Run(ctx context.Context, r *machine.Runner) (machine.Stop, error)
 		s.conn.Close("the backup stopped")
 	}
 	return stop, nil
+}
+
+// AcceptBackup makes the backup at the other end of conn (established,
+// not started) a copy of this node's running guest, without stopping it
+// for longer than the final copy: memory goes over while the guest runs
+// (o.Disks are checked to be the same images on both sides), and in the
+// pause that ends the transfer the channel starts and this node protects.
+// o.Pause is r.Pause; o.Keep is set here.
+func (n *Node) AcceptBackup(conn *channel.Conn, r *machine.Runner, o migrate.SendOptions) (migrate.Result, error) {
+	if role := n.Role(); role != RoleAlone {
+		return migrate.Result{}, fmt.Errorf("ft: a %v cannot take a backup", role)
+	}
+	o.Pause = r.Pause
+	o.Release = nil
+	o.Keep = func() error {
+		conn.Start()
+		return n.Protect(conn)
+	}
+	return migrate.Send(conn.Stream(), n.M, o)
+}
+
+// Join receives a primary's guest over conn (established, not started) and
+// starts the channel: the machine it returns holds the primary's state at
+// the moment the primary started recording for it. Make it a Node (its
+// journal a Switch built in o.Build) and Follow.
+func Join(conn *channel.Conn, o migrate.ReceiveOptions) (*machine.Machine, migrate.Result, error) {
+	m, res, err := migrate.Receive(conn.Stream(), o)
+	if err != nil {
+		return nil, res, err
+	}
+	conn.Start()
+	return m, res, nil
 }

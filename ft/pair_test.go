@@ -19,6 +19,7 @@ import (
 	"github.com/gokvm-ft/gokvm-ft/internal/netproxy"
 	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
 	"github.com/gokvm-ft/gokvm-ft/machine"
+	"github.com/gokvm-ft/gokvm-ft/migrate"
 )
 
 // seqOutputs is how many numbered outputs seqGuest sends.
@@ -144,6 +145,11 @@ type pairRig struct {
 
 var pairKey = []byte("pair-test-key-0123456789")
 
+// pairTimeout is the tests' failure detection timeout: generous, since the
+// test host runs other tests' VMs beside these (a false failover is safe,
+// but not what these tests look at).
+const pairTimeout = 500 * time.Millisecond
+
 // newPair starts a protected pair on loopback, through a proxy; tune, if
 // set, adjusts the channel's configuration.
 func newPair(t *testing.T, tune ...func(*channel.Config)) *pairRig {
@@ -169,7 +175,7 @@ func newPair(t *testing.T, tune ...func(*channel.Config)) *pairRig {
 		t.Fatal(err)
 	}
 	t.Cleanup(r.proxy.Close)
-	cfg := channel.Config{Key: pairKey, Timeout: 150 * time.Millisecond}
+	cfg := channel.Config{Key: pairKey, Timeout: pairTimeout}
 	for _, f := range tune {
 		f(&cfg)
 	}
@@ -188,6 +194,7 @@ func newPair(t *testing.T, tune ...func(*channel.Config)) *pairRig {
 	if r.bConn, err = channel.Dial(ctx, r.proxy.Addr(), bcfg); err != nil {
 		t.Fatal(err)
 	}
+	r.bConn.Start()
 	if err := <-errc; err != nil {
 		t.Fatal(err)
 	}
@@ -206,21 +213,23 @@ type runResult struct {
 	err  error
 }
 
-func (r *pairRig) start() (p, b chan runResult) {
-	p, b = make(chan runResult, 1), make(chan runResult, 1)
-	for _, x := range []struct {
-		n  *ft.Node
-		rn *machine.Runner
-		c  chan runResult
-	}{{r.primary, r.pRunner, p}, {r.backup, r.bRunner, b}} {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			defer cancel()
-			stop, err := x.n.Run(ctx, x.rn)
-			x.c <- runResult{stop, err}
-		}()
-	}
-	return p, b
+// runNode runs n in the background until it stops; the test's cleanup
+// stops it and waits for it before the machine is closed.
+func runNode(t *testing.T, n *ft.Node, rn *machine.Runner) chan runResult {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	c := make(chan runResult, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		stop, err := n.Run(ctx, rn)
+		c <- runResult{stop, err}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return c
+}
+
+func (r *pairRig) start(t *testing.T) (p, b chan runResult) {
+	return runNode(t, r.primary, r.pRunner), runNode(t, r.backup, r.bRunner)
 }
 
 // waitOutputs waits until n outputs left the pair.
@@ -281,7 +290,7 @@ func wantExit(t *testing.T, who string, res runResult) {
 // ends in the same state; every output left once, from the primary.
 func TestPairFollowsToTheEnd(t *testing.T) {
 	r := newPair(t)
-	p, b := r.start()
+	p, b := r.start(t)
 	wantExit(t, "primary", <-p)
 	// The backup reaches the guest's exit too (or the log's end just
 	// before it) and checks the primary's final digest.
@@ -312,7 +321,7 @@ func TestPairOutputWaitsForAck(t *testing.T) {
 	r := newPair(t, func(c *channel.Config) { c.MaxLag = -1 })
 	const delay = 100 * time.Millisecond
 	r.proxy.Delay(netproxy.Back, delay) // the backup's acks
-	p, b := r.start()
+	p, b := r.start(t)
 	wantExit(t, "primary", <-p)
 	<-b
 	r.check(t)
@@ -343,7 +352,7 @@ func TestPairFailover(t *testing.T) {
 	r := newPair(t)
 	var live time.Time
 	r.backup.OnLive = func() { live = time.Now() }
-	p, b := r.start()
+	p, b := r.start(t)
 	r.waitOutputs(t, seqOutputs/3)
 	killed := time.Now()
 	r.primary.Crash()
@@ -366,7 +375,7 @@ func TestPairFailover(t *testing.T) {
 // it held is lost.
 func TestPairBackupLost(t *testing.T) {
 	r := newPair(t)
-	p, b := r.start()
+	p, b := r.start(t)
 	r.waitOutputs(t, seqOutputs/3)
 	r.backup.Crash()
 	<-b
@@ -383,7 +392,7 @@ func TestPairBackupLost(t *testing.T) {
 // one goes on, the other stops, and the guest's work completes.
 func TestPairChannelCut(t *testing.T) {
 	r := newPair(t)
-	p, b := r.start()
+	p, b := r.start(t)
 	r.waitOutputs(t, seqOutputs/3)
 	r.proxy.Freeze(netproxy.Forward, true)
 	r.proxy.Freeze(netproxy.Back, true)
@@ -412,4 +421,158 @@ func TestPairChannelCut(t *testing.T) {
 	}
 	gap, rep := r.check(t)
 	t.Logf("%s went on; gap %v, %d repeated", winner, gap, rep)
+}
+
+// joinRig is a primary running alone and the means to give it a backup
+// while it runs.
+type joinRig struct {
+	w       *wire
+	arb     arbiter.Arbiter
+	primary *ft.Node
+	pRunner *machine.Runner
+	pDone   chan runResult
+}
+
+func startAlone(t *testing.T) *joinRig {
+	arb, err := arbiter.Open("file:" + t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := &joinRig{w: newWire(), arb: arb}
+	j.primary, j.pRunner = pairNode(t, j.w, "A", arb)
+	if res, err := j.primary.Claim(context.Background(), 0); err != nil || !res.Won {
+		t.Fatalf("claim: %+v %v", res, err)
+	}
+	j.pDone = runNode(t, j.primary, j.pRunner)
+	return j
+}
+
+// join gives the running primary a backup named name through a live
+// transfer, and starts the backup.
+func (j *joinRig) join(t *testing.T, name string) (*ft.Node, *machine.Runner, chan runResult) {
+	t.Helper()
+	b, bRunner := pairNode(t, j.w, name, j.arb)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cfg := channel.Config{Key: pairKey, Timeout: pairTimeout}
+	type sendResult struct {
+		res migrate.Result
+		err error
+	}
+	sent := make(chan sendResult, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			sent <- sendResult{err: err}
+			return
+		}
+		c := cfg
+		c.Role = channel.Primary
+		conn, err := channel.Establish(nc, c)
+		if err != nil {
+			sent <- sendResult{err: err}
+			return
+		}
+		res, err := j.primary.AcceptBackup(conn, j.pRunner, migrate.SendOptions{})
+		sent <- sendResult{res, err}
+	}()
+	bcfg := cfg
+	bcfg.Role = channel.Backup
+	conn, err := channel.Dial(context.Background(), ln.Addr().String(), bcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(conn.Abort)
+	if _, _, err := ft.Join(conn, migrate.ReceiveOptions{Build: func(migrate.Manifest) (*machine.Machine, error) { return b.M, nil }}); err != nil {
+		t.Fatal(err)
+	}
+	s := <-sent
+	if s.err != nil {
+		t.Fatal(s.err)
+	}
+	t.Logf("%s joined: %d rounds, %d bytes, guest paused %v", name, s.res.Rounds, s.res.Bytes, s.res.Downtime)
+	if err := b.Follow(conn, j.primary.Epoch()); err != nil {
+		t.Fatal(err)
+	}
+	return b, bRunner, runNode(t, b, bRunner)
+}
+
+func (j *joinRig) rig() *pairRig { return &pairRig{w: j.w} }
+
+// A backup joins a primary whose guest is running, without a restart, and
+// follows it to the end in the same state.
+func TestPairJoinRunningGuest(t *testing.T) {
+	j := startAlone(t)
+	j.rig().waitOutputs(t, seqOutputs/4)
+	if j.primary.Role() != ft.RoleAlone {
+		t.Fatalf("role before the join: %v", j.primary.Role())
+	}
+	b, _, bDone := j.join(t, "B")
+	if st := j.primary.Status(); st.Role != ft.RolePrimary || !st.Protected {
+		t.Fatalf("status after the join: %+v", st)
+	}
+	wantExit(t, "primary", <-j.pDone)
+	res := <-bDone
+	if res.err != nil || (res.stop.Kind != machine.StopLogEnd && res.stop.Kind != machine.StopTestExit) {
+		t.Fatalf("backup: %v, %v", res.stop, res.err)
+	}
+	if _, rep := j.rig().check(t); rep != 0 {
+		t.Fatalf("%d repeated", rep)
+	}
+	t.Logf("backup: %d digest checks passed", b.M.Stats().SyncChecks)
+}
+
+// Re-protection: after a failover the new primary takes a new backup
+// without a guest restart, and survives a second failover.
+func TestPairReprotectAndFailAgain(t *testing.T) {
+	j := startAlone(t)
+	j.rig().waitOutputs(t, seqOutputs/5)
+	b, bRunner, bDone := j.join(t, "B")
+	j.rig().waitOutputs(t, 2*seqOutputs/5)
+	j.primary.Crash()
+	<-j.pDone
+	// B is alone now: it takes C as its backup, then dies too.
+	deadline := time.Now().Add(10 * time.Second)
+	for b.Role() != ft.RoleAlone {
+		if time.Now().After(deadline) {
+			t.Fatalf("B never went live: %v", b.Role())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	j2 := &joinRig{w: j.w, arb: j.arb, primary: b, pRunner: bRunner, pDone: bDone}
+	c, _, cDone := j2.join(t, "C")
+	j.rig().waitOutputs(t, 3*seqOutputs/5)
+	b.Crash()
+	<-bDone
+	wantExit(t, "C", <-cDone)
+	gap, rep := j.rig().check(t)
+	h, _ := j.arb.Current(context.Background())
+	if h.Owner != "C" || h.Epoch != 3 {
+		t.Fatalf("arbiter after two failovers: %v", h)
+	}
+	t.Logf("two failovers: largest gap %v, %d repeated; C passed %d digest checks", gap, rep, c.M.Stats().SyncChecks)
+}
+
+// A planned switchover moves the primary role to the backup without loss.
+func TestPairSwitchover(t *testing.T) {
+	r := newPair(t)
+	p, b := r.start(t)
+	r.waitOutputs(t, seqOutputs/3)
+	if err := r.primary.Switchover(r.pRunner, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	res := <-p
+	if res.err != nil || res.stop.Kind != machine.StopMoved {
+		t.Fatalf("old primary: %v, %v", res.stop, res.err)
+	}
+	wantExit(t, "new primary", <-b)
+	gap, rep := r.check(t)
+	h, _ := r.arb.Current(context.Background())
+	if h.Owner != "B" || h.Epoch != 2 {
+		t.Fatalf("arbiter after the switchover: %v", h)
+	}
+	t.Logf("switchover: largest gap %v, %d repeated", gap, rep)
 }
