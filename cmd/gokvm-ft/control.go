@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/gokvm-ft/gokvm-ft/ft"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 	"github.com/gokvm-ft/gokvm-ft/migrate"
 )
@@ -38,6 +39,7 @@ type controlServer struct {
 	runner *machine.Runner
 	devs   *devices
 	log    *slog.Logger
+	node   *ft.Node // an FT pair's VMM (status, switchover)
 }
 
 func serveControl(path string, r *machine.Runner, devs *devices, log *slog.Logger) (*controlServer, error) {
@@ -95,9 +97,27 @@ func (s *controlServer) handle(c net.Conn) {
 	case "snapshot":
 		ok, err = s.snapshot(req.Dir)
 	case "migrate":
+		if s.node != nil {
+			err = errors.New("migrate: this VMM is one of an FT pair: use switchover (the backup takes over)")
+			break
+		}
 		ok, err = s.migrate(req.To, progress)
+	case "status":
+		if s.node == nil {
+			ok = "not part of an FT pair"
+			break
+		}
+		ok = statusLine(s.node.Status())
+	case "switchover":
+		if s.node == nil {
+			err = errors.New("switchover: this VMM is not part of an FT pair")
+			break
+		}
+		if err = s.node.Switchover(s.runner, 10*time.Second); err == nil {
+			ok = "switched over: the backup is the primary now"
+		}
 	default:
-		err = fmt.Errorf("unknown operation %q (snapshot, migrate)", req.Op)
+		err = fmt.Errorf("unknown operation %q (snapshot, migrate, status, switchover)", req.Op)
 	}
 	if err != nil {
 		s.log.Warn("control", "op", req.Op, "err", err)
@@ -151,6 +171,10 @@ func runClient(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	path := fs.String("control", "", "the VMM's control socket (its -control flag)")
 	what := map[string]string{"snapshot": "DIR", "migrate": "HOST:PORT"}[op]
+	nargs := 1
+	if what == "" {
+		nargs = 0 // status, switchover
+	}
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: gokvm-ft %s -control PATH %s\n", op, what)
 		fs.PrintDefaults()
@@ -161,7 +185,7 @@ func runClient(args []string, stdout, stderr io.Writer) int {
 		}
 		return exitUsage
 	}
-	if *path == "" || fs.NArg() != 1 {
+	if *path == "" || fs.NArg() != nargs {
 		fs.Usage()
 		return exitUsage
 	}
@@ -171,7 +195,7 @@ func runClient(args []string, stdout, stderr io.Writer) int {
 		if abs, err := filepath.Abs(req.Dir); err == nil { // the VMM may run elsewhere
 			req.Dir = abs
 		}
-	} else {
+	} else if op == "migrate" {
 		req.To = fs.Arg(0)
 	}
 	c, err := net.Dial("unix", *path)

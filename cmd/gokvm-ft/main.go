@@ -58,6 +58,7 @@ type options struct {
 	cmdline     string        // the exact kernel command line (replay), instead of building one
 	noTap       bool          // a virtio-net card with no tap behind it (replay)
 	hostCPU     int           // host CPU to pin the vCPU thread to, -1 for none
+	pair        pairOptions   // -primary / -backup
 }
 
 // parseSize parses a memory size: bytes, or a number with K, M or G.
@@ -114,9 +115,23 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 	incoming := fs.String("incoming", "", "wait on this TCP address (host:port) for a live transfer, then run the guest")
 	stats := fs.Bool("stats", false, "print exit statistics (exits by reason and port, time in the guest) at exit")
 	hostCPU := fs.Int("host-cpu", -1, "pin the vCPU thread to this host CPU (-1: no pinning, except that a recording on the lab host pins to CPU 0, since its CPUID reports the host CPU)")
+	var primary, backup, serve, keyFile, arbSpec, pairName, guestIP *string
+	var peerTimeout, maxLag, joinTimeout *time.Duration
+	if sub == "" {
+		primary = fs.String("primary", "", "run the guest as an FT primary, serving the logging channel on this address (host:port); unprotected until a backup joins")
+		backup = fs.String("backup", "", "join the FT primary at this address (host:port) as its backup: the guest comes from the primary, not from -kernel")
+		serve = fs.String("serve", "", "FT backup: once live (after a failover), serve the logging channel on this address (host:port) for a new backup")
+		keyFile = fs.String("key", "", "FT pair: file with the secret both VMMs share (at least 16 bytes)")
+		arbSpec = fs.String("arbiter", "", "FT pair: where the pair decides who is live: file:DIR on storage both hosts share (one directory per protected guest)")
+		pairName = fs.String("name", "", "FT pair: this VMM's name at the arbiter and in logs (default host/pid)")
+		guestIP = fs.String("guest-ip", "", "FT pair: the guest's addresses to announce after a failover, comma-separated (besides those learnt from its traffic)")
+		peerTimeout = fs.Duration("peer-timeout", 200*time.Millisecond, "FT pair: declare the peer lost after this long without a word from it")
+		maxLag = fs.Duration("max-lag", 100*time.Millisecond, "FT pair: slow the primary's guest down when the backup's replay is this far behind")
+		joinTimeout = fs.Duration("join-timeout", time.Minute, "FT backup: how long to wait for the primary to answer")
+	}
 	profile := fs.String("profile", "", "write a sampling profile of guest RIPs to this file at exit (kernel symbols from System.map beside -kernel)")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n       gokvm-ft snapshot -control PATH DIR\n       gokvm-ft migrate -control PATH HOST:PORT\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
+		fmt.Fprintf(stderr, "usage: gokvm-ft [flags]\n       gokvm-ft -primary HOST:PORT -key FILE -arbiter file:DIR [flags]\n       gokvm-ft -backup HOST:PORT -key FILE -arbiter file:DIR [flags]\n       gokvm-ft snapshot -control PATH DIR\n       gokvm-ft migrate -control PATH HOST:PORT\n       gokvm-ft status|switchover -control PATH\n\nRuns a VM with the guest's serial console on this terminal (Ctrl-A x quits).\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -165,6 +180,11 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 	if err := o.logLevel.UnmarshalText([]byte(*logLevel)); err != nil {
 		return nil, fmt.Errorf("-%s: %w", levelFlag, err)
 	}
+	if sub == "" {
+		if err := o.parsePair(*primary, *backup, *serve, *keyFile, *arbSpec, *pairName, *guestIP, *peerTimeout, *maxLag, *joinTimeout); err != nil {
+			return nil, err
+		}
+	}
 	return o, nil
 }
 
@@ -172,7 +192,7 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 	sub := ""
 	if len(args) > 0 {
 		switch args[0] {
-		case "snapshot", "migrate":
+		case "snapshot", "migrate", "status", "switchover":
 			return runClient(args, stdout, stderr)
 		case "replay":
 			return runReplay(args[1:], stdout, stderr)
@@ -189,6 +209,9 @@ func run(args []string, stdin *os.File, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	if o.pair.primary != "" || o.pair.backup != "" {
+		return runPair(o, stdin, stdout, stderr, log)
+	}
 	if o.restore == "" && o.incoming == "" {
 		if err := checkImages(o); err != nil {
 			fmt.Fprintf(stderr, "gokvm-ft: %v\n", err)

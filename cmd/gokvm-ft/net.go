@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 
@@ -28,6 +29,9 @@ type netDev struct {
 	tap     *tap.Tap
 	stopped chan error
 	closed  bool
+	// draining: frames read from the tap are dropped (an FT backup: its
+	// guest must not see what the bridge floods to it before go-live).
+	draining atomic.Bool
 }
 
 func attachNet(m *machine.Machine, n *netSpec, log *slog.Logger) (*netDev, error) {
@@ -59,6 +63,40 @@ func (nd *netDev) write(pkt buffer.Buffer) {
 	}
 }
 
+// deliver hands a frame from the tap to the guest, unless draining.
+func (nd *netDev) deliver(pkt buffer.Buffer) bool {
+	if nd.draining.Load() {
+		pkt.Release()
+		return true
+	}
+	return nd.in.Send(pkt)
+}
+
+// startDraining opens the tap and drops what it reads until goLive.
+func (nd *netDev) startDraining() error {
+	nd.draining.Store(true)
+	return nd.start()
+}
+
+// goLive stops draining: from now on the guest gets the tap's frames.
+func (nd *netDev) goLive() { nd.draining.Store(false) }
+
+// announce writes frames to the tap (gratuitous ARP and the like).
+func (nd *netDev) announce(frames [][]byte) {
+	nd.mu.Lock()
+	t := nd.tap
+	nd.mu.Unlock()
+	if t == nil {
+		return
+	}
+	for _, f := range frames {
+		if err := t.Write(buffer.MakeWithData(f)); err != nil {
+			nd.log.Warn("announcing the guest", "err", err)
+			return
+		}
+	}
+}
+
 // start opens the tap and starts its reader, once.
 func (nd *netDev) start() error {
 	nd.mu.Lock()
@@ -79,7 +117,7 @@ func (nd *netDev) start() error {
 	}
 	nd.tap = t
 	nd.stopped = make(chan error, 1)
-	go func() { nd.stopped <- t.ReadLoop(nd.in.Send) }()
+	go func() { nd.stopped <- t.ReadLoop(nd.deliver) }()
 	nd.log.Debug("virtio-net on tap", "mac", nd.spec.mac)
 	return nil
 }
