@@ -449,9 +449,12 @@ func startAlone(t *testing.T) *joinRig {
 
 // join gives the running primary a backup named name through a live
 // transfer, and starts the backup.
-func (j *joinRig) join(t *testing.T, name string) (*ft.Node, *machine.Runner, chan runResult) {
+func (j *joinRig) join(t *testing.T, name string, setup ...func(*ft.Node)) (*ft.Node, *machine.Runner, chan runResult) {
 	t.Helper()
 	b, bRunner := pairNode(t, j.w, name, j.arb)
+	for _, f := range setup {
+		f(b)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -575,4 +578,44 @@ func TestPairSwitchover(t *testing.T) {
 		t.Fatalf("arbiter after the switchover: %v", h)
 	}
 	t.Logf("switchover: largest gap %v, %d repeated", gap, rep)
+}
+
+// A backup whose state diverges (a corrupted byte) is caught at the next
+// digest check: it stops and never goes live, the primary goes on alone
+// without losing output, and a new backup resynchronizes by state
+// transfer and follows to the end.
+func TestPairDivergedBackupResyncs(t *testing.T) {
+	j := startAlone(t)
+	j.rig().waitOutputs(t, seqOutputs/5)
+	_, _, bDone := j.join(t, "B", func(b *ft.Node) {
+		m := b.M
+		m.SetOnExit(func(ex machine.Exit) {
+			if ex.Count%50 == 0 {
+				// Far from the guest's code, stack and data.
+				m.Memory().WriteAt([]byte{0x42}, 0x1c0123)
+			}
+		})
+	})
+	res := <-bDone
+	var mis *machine.SyncMismatchError
+	if !errors.As(res.err, &mis) {
+		t.Fatalf("the corrupted backup: %v, %v; want a digest mismatch", res.stop, res.err)
+	}
+	t.Logf("backup stopped: %v", res.err)
+	deadline := time.Now().Add(10 * time.Second)
+	for j.primary.Role() != ft.RoleAlone {
+		if time.Now().After(deadline) {
+			t.Fatalf("the primary's role after its backup diverged: %v", j.primary.Role())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	_, _, cDone := j.join(t, "C")
+	wantExit(t, "primary", <-j.pDone)
+	res = <-cDone
+	if res.err != nil || (res.stop.Kind != machine.StopLogEnd && res.stop.Kind != machine.StopTestExit) {
+		t.Fatalf("the resynchronized backup: %v, %v", res.stop, res.err)
+	}
+	if _, rep := j.rig().check(t); rep != 0 {
+		t.Fatalf("%d outputs repeated", rep)
+	}
 }

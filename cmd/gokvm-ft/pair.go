@@ -258,46 +258,79 @@ func runPair(o *options, stdin *os.File, stdout, stderr io.Writer, log *slog.Log
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer cancel()
-	sw := ft.NewSwitch(nil)
-	cfg := p.machineConfig(sw, stdout)
-	var m *machine.Machine
-	if o.pair.backup != "" {
-		m, err = p.join(ctx, sw, cfg)
-	} else {
-		m, err = p.startPrimary(ctx, sw, cfg)
-	}
-	if p.devs != nil {
-		defer p.devs.close()
-	}
-	if m != nil {
-		defer m.Close()
-	}
-	if err != nil {
-		return fail(err)
-	}
-	if o.control != "" {
-		ctl, err := serveControl(o.control, p.runner, p.devs, log)
+	// Console input goes to the machine of the moment (a backup that
+	// resynchronizes gets a new one).
+	var mu sync.Mutex
+	var cur *machine.Machine
+	restore := consoleInput(stdin, func(b []byte) bool {
+		mu.Lock()
+		m := cur
+		mu.Unlock()
+		return m == nil || m.DeliverSerial(b)
+	}, cancel)
+	defer restore()
+	for resyncs := 0; ; resyncs++ {
+		sw := ft.NewSwitch(nil)
+		cfg := p.machineConfig(sw, stdout)
+		var m *machine.Machine
+		if o.pair.backup != "" {
+			m, err = p.join(ctx, sw, cfg)
+		} else {
+			m, err = p.startPrimary(ctx, sw, cfg)
+		}
+		mu.Lock()
+		cur = m
+		mu.Unlock()
+		stop, err := p.runMachine(ctx, m, err)
+		if p.devs != nil {
+			p.devs.close()
+			p.devs = nil
+		}
+		if m != nil {
+			m.Close()
+		}
+		var de *ft.DivergenceError
+		var se *machine.SyncMismatchError
+		if o.pair.backup != "" && (errors.As(err, &de) || errors.As(err, &se)) && resyncs < maxResyncs && ctx.Err() == nil {
+			// A diverged backup never goes live with a state the world
+			// has not seen: it starts again from the primary's.
+			log.Warn("the backup diverged: resynchronizing by state transfer", "err", err, "resync", resyncs+1)
+			continue
+		}
 		if err != nil {
-			return fail(fmt.Errorf("-control: %w", err))
+			return fail(err)
+		}
+		if stop.Kind == machine.StopMoved {
+			fmt.Fprintf(stderr, "\r\ngokvm-ft: switched over: the backup runs the guest now\n")
+			return exitOK
+		}
+		return stopStatus(stop, stderr)
+	}
+}
+
+// maxResyncs bounds how often a backup starts again after diverging.
+const maxResyncs = 5
+
+// runMachine runs the node's machine, built (or not, with err) by join or
+// startPrimary, and serves the control socket while it runs.
+func (p *pairVMM) runMachine(ctx context.Context, m *machine.Machine, err error) (machine.Stop, error) {
+	if err != nil {
+		return machine.Stop{}, err
+	}
+	o := p.o
+	if o.control != "" {
+		ctl, err := serveControl(o.control, p.runner, p.devs, p.log)
+		if err != nil {
+			return machine.Stop{}, fmt.Errorf("-control: %w", err)
 		}
 		ctl.node = p.node
 		defer ctl.Close()
 	}
-	restore := consoleInput(stdin, m.DeliverSerial, cancel)
 	stop, err := p.node.Run(ctx, p.runner)
-	restore()
-	m.CloseInput()
 	if o.stats {
-		m.Stats().Write(stderr)
+		m.Stats().Write(p.stderr)
 	}
-	if err != nil {
-		return fail(err)
-	}
-	if stop.Kind == machine.StopMoved {
-		fmt.Fprintf(stderr, "\r\ngokvm-ft: switched over: the backup runs the guest now\n")
-		return exitOK
-	}
-	return stopStatus(stop, stderr)
+	return stop, err
 }
 
 // startPrimary boots (or restores) the guest, claims the arbiter and serves
