@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gokvm-ft/gokvm-ft/internal/netproxy"
 	"github.com/gokvm-ft/gokvm-ft/migrate"
 )
 
@@ -28,7 +30,7 @@ func newLab(t *testing.T) *lab {
 	l.net.ip(t, "link", "set", "lo", "up")
 	l.net.ip(t, "link", "add", "br0", "type", "bridge")
 	l.net.ip(t, "link", "set", "br0", "up")
-	for _, tap := range []string{"gkA", "gkB", "gkC"} {
+	for _, tap := range []string{"gkA", "gkB", "gkC", "gkD"} {
 		l.net.ip(t, "tuntap", "add", "dev", tap, "mode", "tap")
 		l.net.ip(t, "link", "set", tap, "master", "br0")
 		l.net.ip(t, "link", "set", tap, "up")
@@ -47,6 +49,7 @@ func newLab(t *testing.T) *lab {
 type pairLab struct {
 	*lab
 	snap, key, arb, dir string
+	extra               []string // more flags for every VMM
 }
 
 func newPairLab(t *testing.T) *pairLab {
@@ -88,13 +91,14 @@ func (p *pairLab) disk(t *testing.T, name string) string {
 }
 
 func (p *pairLab) pairFlags(name, tap string) []string {
-	return []string{"-key", p.key, "-arbiter", p.arb, "-name", name, "-mem", "256M", "-net", "tap=" + tap + ",mac=" + labMAC, "-log", "debug"}
+	return append([]string{"-key", p.key, "-arbiter", p.arb, "-name", name, "-mem", "256M", "-net", "tap=" + tap + ",mac=" + labMAC, "-log", "debug"}, p.extra...)
 }
 
 // startPrimary restores the guest as the pair's primary on tap gkA.
-func (p *pairLab) startPrimary(t *testing.T, addr string) (*vmm, int) {
+func (p *pairLab) startPrimary(t *testing.T, addr string, extra ...string) (*vmm, int) {
 	t.Helper()
-	v := startVMM(t, p.net, append([]string{"-restore", p.snap, "-disk", p.disk(t, "A"), "-primary", addr}, p.pairFlags("A", "gkA")...)...)
+	args := append([]string{"-restore", p.snap, "-disk", p.disk(t, "A"), "-primary", addr}, extra...)
+	v := startVMM(t, p.net, append(args, p.pairFlags("A", "gkA")...)...)
 	v.waitLog(t, "running unprotected", 2*time.Minute)
 	if _, err := fmt.Fprintf(v.stdin, "echo restored-$((6*7))\n"); err != nil {
 		t.Fatal(err)
@@ -295,4 +299,100 @@ func TestLinuxPairFailover(t *testing.T) {
 	}
 	pos := c.waitFor(t, "alive-42", 0, 2*time.Minute)
 	c.powerOff(t, pos)
+}
+
+// exited reports whether the VMM has exited, and with what status.
+func (v *vmm) exited() (int, bool) {
+	select {
+	case code := <-v.done:
+		v.done <- code
+		return code, true
+	default:
+		return 0, false
+	}
+}
+
+// TestLinuxPairLosses is the rest of the lab: the backup is killed (the
+// primary wins the arbiter and keeps serving), a new backup joins through
+// a logging channel the test then cuts (exactly one VMM goes on), and
+// after re-protection the survivor is killed too (a second failover). One
+// client connection lives through all of it.
+func TestLinuxPairLosses(t *testing.T) {
+	p := newPairLab(t)
+	p.extra = []string{"-peer-timeout", "500ms"}
+	const addrA, addrC = "127.0.0.1:7920", "127.0.0.1:7921"
+	a, _ := p.startPrimary(t, addrA)
+	cc := startCounterClient(t, p.client)
+	cc.waitReplies(t, 20, 2*time.Minute)
+
+	b := p.startBackup(t, addrA, "B", "gkB")
+	cc.waitReplies(t, 30, 2*time.Minute)
+	b.cmd.Process.Kill()
+	<-b.done
+	a.waitLog(t, "running alone, unprotected", time.Minute)
+	cc.waitReplies(t, 30, 2*time.Minute)
+	t.Log("backup killed: the primary won the arbiter and goes on")
+
+	// C joins A through a proxy in the lab's namespace: the logging
+	// channel alone can be cut there.
+	var px *netproxy.Proxy
+	if err := p.net.do(func() error {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		px = netproxy.Serve(ln, addrA, func(addr string) (net.Conn, error) {
+			var c net.Conn
+			err := p.net.do(func() (err error) { c, err = net.Dial("tcp", addr); return })
+			return c, err
+		})
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer px.Close()
+	c := p.startBackup(t, px.Addr(), "C", "gkC", "-serve", addrC)
+	cc.waitReplies(t, 30, 2*time.Minute)
+	cut := time.Now()
+	px.Freeze(netproxy.Forward, true)
+	px.Freeze(netproxy.Back, true)
+	var winner, loser *vmm
+	winnerAddr := ""
+	deadline := time.Now().Add(time.Minute)
+	for winner == nil {
+		if code, ok := a.exited(); ok {
+			winner, loser, winnerAddr = c, a, addrC
+			t.Logf("channel cut: A stopped (status %d), C went on", code)
+		} else if code, ok := c.exited(); ok {
+			winner, loser, winnerAddr = a, c, addrA
+			t.Logf("channel cut: C stopped (status %d), A went on", code)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a minute after the cut both VMMs run: A %s\nC %s", a.stderr.String(), c.stderr.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(loser.stderr.String(), "arbiter lost") {
+		t.Fatalf("the stopped VMM did not lose the arbiter:\n%s", loser.stderr.String())
+	}
+	cc.waitReplies(t, 30, 2*time.Minute)
+	gap, _ := cc.gapAround(cut)
+	t.Logf("after the cut: longest wait for a reply %v", gap.Round(time.Millisecond))
+
+	// Re-protection, then a second failover.
+	d := p.startBackup(t, winnerAddr, "D", "gkD")
+	cc.waitReplies(t, 30, 2*time.Minute)
+	killed := time.Now()
+	winner.cmd.Process.Kill()
+	<-winner.done
+	d.waitLog(t, "live: the backup took over", time.Minute)
+	cc.waitReplies(t, 30, 2*time.Minute)
+	gap, _ = cc.gapAround(killed)
+	n := cc.finish(t)
+	t.Logf("second failover: longest wait for a reply %v; %d consecutive replies on one connection in all", gap.Round(time.Millisecond), n)
+	if _, err := fmt.Fprintf(d.stdin, "echo alive-$((2*21))\n"); err != nil {
+		t.Fatal(err)
+	}
+	pos := d.waitFor(t, "alive-42", 0, 2*time.Minute)
+	d.powerOff(t, pos)
 }

@@ -24,6 +24,7 @@ const (
 type Proxy struct {
 	ln     net.Listener
 	target string
+	dial   func(addr string) (net.Conn, error)
 
 	mu     sync.Mutex
 	delay  [2]time.Duration
@@ -38,10 +39,20 @@ func New(target string) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{ln: ln, target: target}
+	return Serve(ln, target, nil), nil
+}
+
+// Serve forwards connections accepted on ln to target, dialled with dial
+// (net.Dial's TCP if nil): a proxy inside a network namespace listens and
+// dials there.
+func Serve(ln net.Listener, target string, dial func(addr string) (net.Conn, error)) *Proxy {
+	if dial == nil {
+		dial = func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }
+	}
+	p := &Proxy{ln: ln, target: target, dial: dial}
 	p.wake = sync.NewCond(&p.mu)
 	go p.serve()
-	return p, nil
+	return p
 }
 
 // Addr is where to connect.
@@ -81,7 +92,7 @@ func (p *Proxy) serve() {
 		if err != nil {
 			return
 		}
-		b, err := net.Dial("tcp", p.target)
+		b, err := p.dial(p.target)
 		if err != nil {
 			a.Close()
 			continue
