@@ -8,7 +8,7 @@ TESTFLAGS ?= -p 1 -count=1 -timeout 20m
 # The bounded fuzz runs (virtio descriptor chains, snapshot, log and sync-point decoders) in make test.
 FUZZTIME ?= 30s
 
-.PHONY: all build images run test race vet fmt bench bench-boot bench-net clean
+.PHONY: all build images run test race vet fmt bench bench-boot bench-net demo clean
 
 all: build
 
@@ -53,6 +53,13 @@ bench-boot: images
 # images (needs root: network namespaces and taps).
 bench-net: images
 	$(GO) run ./cmd/netbench
+
+# The FT lab as a one-command demonstration (needs root: network
+# namespaces, a bridge, taps): a protected Linux guest serving a client, its
+# primary killed mid-stream, the backup live, re-protection and a planned
+# switchover, printed as a timeline.
+demo: images
+	GOKVM_FT_DEMO=1 $(GO) test -count=1 -run '^TestLinuxPairFailover$$' -v ./cmd/gokvm-ft
 
 clean:
 	rm -rf bin

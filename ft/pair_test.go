@@ -16,6 +16,7 @@ import (
 	"github.com/gokvm-ft/gokvm-ft/ft"
 	"github.com/gokvm-ft/gokvm-ft/ft/arbiter"
 	"github.com/gokvm-ft/gokvm-ft/ft/channel"
+	"github.com/gokvm-ft/gokvm-ft/internal/benchutil"
 	"github.com/gokvm-ft/gokvm-ft/internal/netproxy"
 	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
 	"github.com/gokvm-ft/gokvm-ft/machine"
@@ -109,12 +110,18 @@ func (d *seqDevice) WritePort(_ uint16, data []byte) {
 // pairNode builds a VMM of a pair running seqGuest.
 func pairNode(t *testing.T, w *wire, name string, arb arbiter.Arbiter) (*ft.Node, *machine.Runner) {
 	t.Helper()
+	return pairNodeFor(t, w, name, arb, seqProgram(t))
+}
+
+// pairNodeFor builds a VMM of a pair running prog.
+func pairNodeFor(t *testing.T, w *wire, name string, arb arbiter.Arbiter, prog *tinyguest.Program) (*ft.Node, *machine.Runner) {
+	t.Helper()
 	if _, err := os.Stat("/dev/kvm"); err != nil {
 		t.Skip("no /dev/kvm")
 	}
 	sw := ft.NewSwitch(nil)
 	cfg := deltaConfig(sw, true)
-	m := newDeltaMachine(t, seqProgram(t), cfg, true)
+	m := newDeltaMachine(t, prog, cfg, true)
 	w.mu.Lock()
 	w.emit[name] = map[uint32]time.Time{}
 	w.mu.Unlock()
@@ -150,17 +157,23 @@ var pairKey = []byte("pair-test-key-0123456789")
 // but not what these tests look at).
 const pairTimeout = 500 * time.Millisecond
 
-// newPair starts a protected pair on loopback, through a proxy; tune, if
-// set, adjusts the channel's configuration.
+// newPair starts a protected pair running seqGuest on loopback, through a
+// proxy; tune, if set, adjusts the channel's configuration.
 func newPair(t *testing.T, tune ...func(*channel.Config)) *pairRig {
+	t.Helper()
+	return newPairFor(t, seqProgram(t), tune...)
+}
+
+// newPairFor is newPair for prog.
+func newPairFor(t *testing.T, prog *tinyguest.Program, tune ...func(*channel.Config)) *pairRig {
 	t.Helper()
 	arb, err := arbiter.Open("file:" + t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	r := &pairRig{w: newWire(), arb: arb}
-	r.primary, r.pRunner = pairNode(t, r.w, "A", arb)
-	r.backup, r.bRunner = pairNode(t, r.w, "B", arb)
+	r.primary, r.pRunner = pairNodeFor(t, r.w, "A", arb, prog)
+	r.backup, r.bRunner = pairNodeFor(t, r.w, "B", arb, prog)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if res, err := r.primary.Claim(ctx, 0); err != nil || !res.Won {
@@ -617,5 +630,78 @@ func TestPairDivergedBackupResyncs(t *testing.T) {
 	}
 	if _, rep := j.rig().check(t); rep != 0 {
 		t.Fatalf("%d outputs repeated", rep)
+	}
+}
+
+// cpuWorkGuest does a fixed amount of user-mode work with the PIT ticking
+// at 1 kHz and no exits of its own until it is done: a protected pair
+// keeps up with it only through state deltas.
+var cpuWorkGuest = `
+_start:
+` + tinyguest.PICInit(0xfe) + tinyguest.PIT1kHz + tinyguest.ToUser + `
+user:
+	incq 0x90000
+	cmpq $0x8000000, 0x90000
+	jb user
+	mov $1, %eax
+` + tinyguest.ExitWithEAX + tinyguest.CountTicks
+
+// TestPairOverhead measures, side by side, a fixed amount of guest work
+// run plain (no journal) and as a protected primary whose backup follows
+// it, for a CPU-bound guest, the output-heavy sequence guest and an idle
+// one, with the logging bandwidth of each. It reports; timings on a
+// shared test host are too noisy to judge.
+func TestPairOverhead(t *testing.T) {
+	cpu, err := tinyguest.Assemble(t.TempDir(), cpuWorkGuest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle, err := tinyguest.Assemble(t.TempDir(), idleGuest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := func(p *tinyguest.Program) time.Duration {
+		m := newMachineFor(t, p, nil, nil)
+		dev := &seqDevice{w: newWire(), vmm: "plain"}
+		dev.w.emit["plain"] = map[uint32]time.Time{}
+		dev.port = m.NewOutputPort("seq", func(b buffer.Buffer) { b.Release() })
+		if err := m.RegisterPort(0x600, 4, dev); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		stop, err := m.Run(context.Background())
+		if err != nil || stop.Kind != machine.StopTestExit {
+			t.Fatalf("plain: %v, %v", stop, err)
+		}
+		return time.Since(start)
+	}
+	protected := func(p *tinyguest.Program) (time.Duration, int64, machine.ExitStats) {
+		r := newPairFor(t, p)
+		start := time.Now()
+		pc, bc := r.start(t)
+		wantExit(t, "primary", <-pc)
+		took := time.Since(start)
+		if res := <-bc; res.err != nil {
+			t.Fatalf("backup: %v", res.err)
+		}
+		return took, r.pConn.Sent(), r.primary.M.Stats()
+	}
+	for _, g := range []struct {
+		name string
+		p    *tinyguest.Program
+	}{{"CPU-bound (2^27 user-mode counts, no exits of its own)", cpu}, {"output (1500 numbered outputs through a port)", seqProgram(t)}, {"idle (HLT, 200 PIT ticks)", idle}} {
+		var tp, tf []time.Duration
+		var logBytes int64
+		var st machine.ExitStats
+		for i := 0; i < 3; i++ {
+			tp = append(tp, plain(g.p))
+			d, b, s := protected(g.p)
+			tf = append(tf, d)
+			logBytes, st = b, s
+		}
+		mp, mf := benchutil.Median(tp), benchutil.Median(tf)
+		t.Logf("%s, median of 3: plain %v, protected %v: FT/plain time %.2f (throughput %.2f); log %.1f KiB/s; %d state deltas, %d digest checks",
+			g.name, mp.Round(time.Millisecond), mf.Round(time.Millisecond), mf.Seconds()/mp.Seconds(), mp.Seconds()/mf.Seconds(),
+			float64(logBytes)/1024/mf.Seconds(), st.Deltas, st.SyncChecks)
 	}
 }

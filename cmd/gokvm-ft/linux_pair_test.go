@@ -254,28 +254,41 @@ func (cc *counterClient) finish(t *testing.T) int {
 // primary takes a new backup (re-protection) and hands over to it in a
 // planned switchover, the client still on the same connection.
 func TestLinuxPairFailover(t *testing.T) {
+	tl := newTimeline(t)
+	tl.print("preparing the guest: a snapshot at its shell prompt (cached; the first run boots Linux once)")
 	p := newPairLab(t)
+	tl.event("lab ready: bridge, taps gkA gkB gkC, client namespace (10.0.2.2)")
 	const addrA, addrB = "127.0.0.1:7910", "127.0.0.1:7911"
 	a, _ := p.startPrimary(t, addrA)
+	tl.event("A: guest up (restored at its shell prompt), primary, unprotected")
 	cc := startCounterClient(t, p.client)
 	cc.waitReplies(t, 20, 2*time.Minute)
+	tl.event("client: one TCP connection to the counter service, 20 replies")
 	b := p.startBackup(t, addrA, "B", "gkB", "-serve", addrB, "-control", filepath.Join(p.dir, "B.sock"))
+	tl.event("B joined A without a guest restart: protected")
 	cc.waitReplies(t, 50, 2*time.Minute)
 
 	killed := time.Now()
 	a.cmd.Process.Kill()
 	<-a.done
+	tl.event("A killed (kill -9)")
 	b.waitLog(t, "live: the backup took over", time.Minute)
 	live := time.Now()
+	tl.event("B live: won the arbiter, replayed A's log, announced the guest")
+	cc.waitReplies(t, 1, 2*time.Minute)
+	tl.event("client resumed on the same connection")
 	cc.waitReplies(t, 50, 2*time.Minute)
 	gap, before := cc.gapAround(killed)
 	t.Logf("failover: %d replies before the kill; B live %v after it; longest wait for a reply after the kill %v",
 		before, live.Sub(killed).Round(time.Millisecond), gap.Round(time.Millisecond))
+	tl.note("failover gap seen by the client: %v (B live %v after the kill; the rest is the client's TCP retransmission)",
+		gap.Round(time.Millisecond), live.Sub(killed).Round(time.Millisecond))
 
 	// Re-protection: C joins B (which serves backups on addrB once
 	// live), then B hands over to C in a planned switchover; the client
 	// stays on its connection throughout.
 	c := p.startBackup(t, addrB, "C", "gkC")
+	tl.event("C joined B: protected again")
 	cc.waitReplies(t, 20, 2*time.Minute)
 	switched := time.Now()
 	out, err := runSelf("switchover", "-control", filepath.Join(p.dir, "B.sock"))
@@ -290,15 +303,47 @@ func TestLinuxPairFailover(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("B did not stop after the switchover")
 	}
+	tl.event("planned switchover: B handed the guest to C and stopped")
 	cc.waitReplies(t, 20, 2*time.Minute)
 	sgap, _ := cc.gapAround(switched)
 	n := cc.finish(t)
 	t.Logf("switchover to C: longest wait for a reply %v; the client got %d consecutive replies on one connection", sgap.Round(time.Millisecond), n)
+	tl.note("switchover gap seen by the client: %v; %d consecutive replies on one connection, none lost or repeated", sgap.Round(time.Millisecond), n)
 	if _, err := fmt.Fprintf(c.stdin, "echo alive-$((2*21))\n"); err != nil {
 		t.Fatal(err)
 	}
 	pos := c.waitFor(t, "alive-42", 0, 2*time.Minute)
 	c.powerOff(t, pos)
+	tl.event("C: guest powered off")
+}
+
+// timeline narrates a lab run: each event with the time since the start.
+// With GOKVM_FT_DEMO set (`make demo`) it is printed as it happens.
+type timeline struct {
+	t     *testing.T
+	start time.Time
+	demo  bool
+}
+
+func newTimeline(t *testing.T) *timeline {
+	tl := &timeline{t: t, start: time.Now(), demo: os.Getenv("GOKVM_FT_DEMO") != ""}
+	return tl
+}
+
+func (tl *timeline) event(what string) {
+	tl.print(fmt.Sprintf("%8.3fs  %s", time.Since(tl.start).Seconds(), what))
+}
+
+func (tl *timeline) note(format string, args ...any) {
+	tl.print("           " + fmt.Sprintf(format, args...))
+}
+
+func (tl *timeline) print(line string) {
+	if tl.demo {
+		fmt.Println(line)
+	} else {
+		tl.t.Log(line)
+	}
 }
 
 // exited reports whether the VMM has exited, and with what status.
@@ -395,4 +440,69 @@ func TestLinuxPairLosses(t *testing.T) {
 	}
 	pos := d.waitFor(t, "alive-42", 0, 2*time.Minute)
 	d.powerOff(t, pos)
+}
+
+// logBytes reads the primary's log size from `gokvm-ft status`.
+func logBytes(t *testing.T, ctl string) int64 {
+	t.Helper()
+	out, err := runSelf("status", "-control", ctl)
+	if err != nil {
+		t.Fatalf("status: %v: %s", err, out)
+	}
+	var n int64
+	i := strings.Index(string(out), ", log ")
+	if i < 0 {
+		t.Fatalf("status without the log size: %s", out)
+	}
+	if _, err := fmt.Sscanf(string(out[i:]), ", log %d bytes", &n); err != nil {
+		t.Fatalf("status %q: %v", out, err)
+	}
+	return n
+}
+
+// TestLinuxPairThroughput measures, side by side on the lab network, the
+// counter service's request rate from one client connection for the guest
+// run plain and run protected (primary with a backup following), and the
+// logging channel's bandwidth busy (serving the client) and idle. It
+// reports; timings on a shared test host are too noisy to judge.
+func TestLinuxPairThroughput(t *testing.T) {
+	p := newPairLab(t)
+	const window = 5 * time.Second
+	rate := func(cc *counterClient) float64 {
+		n0 := cc.replies()
+		time.Sleep(window)
+		return float64(cc.replies()-n0) / window.Seconds()
+	}
+
+	// Plain: the same snapshot, no pair, no journal.
+	v := startVMM(t, p.net, "-restore", p.snap, "-disk", p.disk(t, "plain"), "-mem", "256M", "-net", "tap=gkA,mac="+labMAC)
+	if _, err := fmt.Fprintf(v.stdin, "echo restored-$((6*7))\n"); err != nil {
+		t.Fatal(err)
+	}
+	v.waitFor(t, "restored-42", len("echo restored-"), 2*time.Minute)
+	cc := startCounterClient(t, p.client)
+	cc.waitReplies(t, 20, 2*time.Minute)
+	plain := rate(cc)
+	cc.finish(t)
+	v.cmd.Process.Kill()
+	<-v.done
+
+	ctl := filepath.Join(p.dir, "A.sock")
+	a, _ := p.startPrimary(t, "127.0.0.1:7930", "-control", ctl)
+	b := p.startBackup(t, "127.0.0.1:7930", "B", "gkB")
+	time.Sleep(2 * time.Second)
+	l0 := logBytes(t, ctl)
+	time.Sleep(window)
+	l1 := logBytes(t, ctl)
+	cc = startCounterClient(t, p.client)
+	cc.waitReplies(t, 20, 2*time.Minute)
+	l2 := logBytes(t, ctl)
+	protected := rate(cc)
+	l3 := logBytes(t, ctl)
+	n := cc.finish(t)
+	t.Logf("counter service, one connection: plain %.0f requests/s, protected %.0f requests/s: FT/plain %.2f", plain, protected, protected/plain)
+	t.Logf("logging channel: idle %.1f KiB/s, serving the client %.1f KiB/s (%d replies in all)",
+		float64(l1-l0)/1024/window.Seconds(), float64(l3-l2)/1024/window.Seconds(), n)
+	a.cmd.Process.Kill()
+	b.cmd.Process.Kill()
 }
