@@ -155,6 +155,8 @@ type Conn struct {
 
 	dead    chan struct{}
 	deadErr error
+
+	lastSlowLog time.Time // waitRoom's (the one writer's) rate limit
 }
 
 type flight struct {
@@ -606,6 +608,10 @@ func (c *Conn) waitRoom(k int64) error {
 		c.mu.Unlock()
 		if !over && (c.cfg.MaxLag < 0 || lag <= c.cfg.MaxLag) {
 			return nil
+		}
+		if now := time.Now(); now.Sub(c.lastSlowLog) > 5*time.Second {
+			c.lastSlowLog = now
+			c.cfg.Logger.Warn("slowing the guest: the backup lags", "lag", lag.Round(time.Millisecond), "max", c.cfg.MaxLag, "unacknowledged bytes", c.sent-c.acked)
 		}
 		// Acks come at least every heartbeat; look again then anyway.
 		select {
