@@ -2,15 +2,19 @@ package migrate
 
 import (
 	"bufio"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math/bits"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/gokvm-ft/gokvm-ft/machine"
 	"github.com/gokvm-ft/gokvm-ft/snapshot"
+	"github.com/gokvm-ft/gokvm-ft/virtio/blk"
 )
 
 // SendOptions tune and connect a live transfer's source side.
@@ -25,6 +29,10 @@ type SendOptions struct {
 	// Release gives up the host resources the destination takes over (the
 	// tap) once the destination holds the guest, before it starts it.
 	Release func() error
+	// CopyDisks sends the disks' contents too, while the guest runs
+	// (each DiskSource needs TrackWrites), the blocks written meanwhile
+	// again at the end: the destination needs no copy of its own.
+	CopyDisks bool
 	// Keep, if set, makes the transfer a copy instead of a move (an FT
 	// backup joining): once the destination holds the state and was told
 	// to start, Keep runs, still in the pause, and the guest then resumes
@@ -152,8 +160,31 @@ func send(conn io.ReadWriter, m *machine.Machine, o SendOptions, start time.Time
 	if err != nil {
 		return res, err
 	}
-	if err := enc.WriteSection(sectionManifest, marshal(ManifestOf(m))); err != nil {
+	mf := ManifestOf(m)
+	var takes []func() []uint64
+	if o.CopyDisks {
+		for _, d := range o.Disks {
+			if d.TrackWrites == nil {
+				return res, fmt.Errorf("disk %s: cannot be copied live (its writes are not tracked)", d.Name)
+			}
+			st, err := os.Stat(d.Path)
+			if err != nil {
+				return res, fmt.Errorf("disk %s: %w", d.Name, err)
+			}
+			mf.CopiedDisks = append(mf.CopiedDisks, CopiedDisk{Name: d.Name, Size: st.Size()})
+			take, stop := d.TrackWrites()
+			defer stop()
+			takes = append(takes, take)
+		}
+	}
+	if err := enc.WriteSection(sectionManifest, marshal(mf)); err != nil {
 		return res, err
+	}
+	var diskSections int
+	for i := range takes {
+		if err := sendDisk(enc, o.Disks[i], nil, &diskSections); err != nil {
+			return res, err
+		}
 	}
 	mem := m.Memory()
 	t := time.Now()
@@ -201,6 +232,11 @@ func send(conn io.ReadWriter, m *machine.Machine, o SendOptions, start time.Time
 		res.FinalPages = count(last)
 		if err := enc.WritePages(mem, last); err != nil {
 			return false, err
+		}
+		for i, take := range takes {
+			if err := sendDisk(enc, o.Disks[i], take(), &diskSections); err != nil {
+				return false, err
+			}
 		}
 		var disks []Disk
 		for _, d := range o.Disks {
@@ -258,6 +294,99 @@ func send(conn io.ReadWriter, m *machine.Machine, o SendOptions, start time.Time
 	return res, perr
 }
 
+// diskChunk is the most disk data one section carries.
+const diskChunk = 1 << 20
+
+// sendDisk sends d's image: all of it (blocks nil), or the blocks of
+// blk.TrackBlock bytes set in blocks. All-zero chunks are skipped: the
+// destination's image starts as zeros.
+func sendDisk(enc *snapshot.Encoder, d DiskSource, blocks []uint64, seq *int) error {
+	f, err := os.Open(d.Path)
+	if err != nil {
+		return fmt.Errorf("disk %s: %w", d.Name, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("disk %s: %w", d.Name, err)
+	}
+	size := st.Size()
+	buf := make([]byte, diskChunk)
+	send := func(off, n int64) error {
+		n = min(n, size-off)
+		if n <= 0 {
+			return nil
+		}
+		b := buf[:n]
+		if _, err := f.ReadAt(b, off); err != nil && err != io.EOF {
+			return fmt.Errorf("disk %s: %w", d.Name, err)
+		}
+		if blocks == nil && allZero(b) {
+			return nil
+		}
+		hdr := append([]byte{byte(len(d.Name))}, d.Name...)
+		hdr = binary.BigEndian.AppendUint64(hdr, uint64(off))
+		*seq++
+		return enc.WriteSection(fmt.Sprintf("%s%d", sectionDiskData, *seq), append(hdr, b...))
+	}
+	if blocks == nil {
+		for off := int64(0); off < size; off += diskChunk {
+			if err := send(off, diskChunk); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for w, word := range blocks {
+		for word != 0 {
+			bit := bits.TrailingZeros64(word)
+			word &^= 1 << bit
+			if err := send(int64(w*64+bit)*blk.TrackBlock, blk.TrackBlock); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// receiveDisk writes a disk-data section into the image its name says.
+func receiveDisk(data []byte, copied []CopiedDisk, path func(string) string) error {
+	if len(data) < 1 || len(data) < 1+int(data[0])+8 {
+		return errors.New("a short disk-data section")
+	}
+	name := string(data[1 : 1+data[0]])
+	off := int64(binary.BigEndian.Uint64(data[1+len(name):]))
+	body := data[1+len(name)+8:]
+	var size int64 = -1
+	for _, c := range copied {
+		if c.Name == name {
+			size = c.Size
+		}
+	}
+	if size < 0 {
+		return fmt.Errorf("disk data for %q, which the manifest does not copy", name)
+	}
+	if off < 0 || off > size || int64(len(body)) > size-off {
+		return fmt.Errorf("disk %s: data at %d+%d, past its %d bytes", name, off, len(body), size)
+	}
+	p := ""
+	if path != nil {
+		p = path(name)
+	}
+	if p == "" {
+		return fmt.Errorf("disk %s: this side has no image for it", name)
+	}
+	f, err := os.OpenFile(p, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("disk %s: %w", name, err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(body, off); err != nil {
+		return fmt.Errorf("disk %s: %w", name, err)
+	}
+	return nil
+}
+
 func readReply(conn io.ReadWriter, br *bufio.Reader, timeout time.Duration) (reply, error) {
 	if d, ok := conn.(deadliner); ok {
 		d.SetDeadline(time.Now().Add(timeout))
@@ -286,7 +415,9 @@ type ReceiveOptions struct {
 	// virtio devices in order), not yet running.
 	Build func(Manifest) (*machine.Machine, error)
 	// DiskPath returns the image this side uses for the disk of the given
-	// virtio device name; its contents must equal the source's.
+	// virtio device name; its contents must equal the source's. A disk
+	// the transfer copies (Manifest.CopiedDisks) is written there: Build
+	// makes the file, of the manifest's size.
 	DiskPath func(name string) string
 	Progress func(Progress)
 	Timeout  time.Duration
@@ -361,6 +492,12 @@ func Receive(conn io.ReadWriter, o ReceiveOptions) (m *machine.Machine, res Resu
 			o.Progress(Progress{Round: round, Pages: int(rec.DataPages + rec.ZeroPages), Bytes: dec.Offset(), Took: time.Since(t)})
 			round++
 		case snapshot.SectionRecord:
+			if strings.HasPrefix(rec.Name, sectionDiskData) {
+				if err := receiveDisk(rec.Data, mf.CopiedDisks, o.DiskPath); err != nil {
+					return refuse(err)
+				}
+				break
+			}
 			switch rec.Name {
 			case sectionDisks:
 				var disks []Disk

@@ -27,6 +27,16 @@ type Manifest struct {
 	Model      string
 	// Devices are the virtio devices in slot order.
 	Devices []Device
+	// CopiedDisks are the disks whose contents the live transfer carries
+	// (SendOptions.CopyDisks): the destination makes each image of this
+	// size before it builds the machine, and the stream fills it.
+	CopiedDisks []CopiedDisk `json:",omitempty"`
+}
+
+// CopiedDisk is a disk image a live transfer carries.
+type CopiedDisk struct {
+	Name string
+	Size int64
 }
 
 // Device is one virtio device of the manifest.
@@ -46,10 +56,13 @@ type Disk struct {
 }
 
 // DiskSource is a disk image of a running machine, by virtio device name.
+// TrackWrites (blk.Blk's) lets a live transfer copy the image while the
+// guest writes it (SendOptions.CopyDisks).
 type DiskSource struct {
-	Name     string
-	Path     string
-	ReadOnly bool
+	Name        string
+	Path        string
+	ReadOnly    bool
+	TrackWrites func() (take func() []uint64, stop func())
 }
 
 // Section names.
@@ -57,6 +70,10 @@ const (
 	sectionManifest = "manifest"
 	sectionState    = "state"
 	sectionDisks    = "disks"
+	// sectionDiskData, then a sequence number (names are unique in a
+	// stream), carries disk contents (CopyDisks): the disk name's length
+	// (1 byte), the name, the offset (8 bytes), then the data.
+	sectionDiskData = "disk-data-"
 )
 
 // ManifestOf describes m's make-up.

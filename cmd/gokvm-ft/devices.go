@@ -83,7 +83,7 @@ func attachDevices(m *machine.Machine, o *options, diskPath string, deferTap boo
 		if _, err := m.AddVirtio("disk", b); err != nil {
 			return d, err
 		}
-		d.disks = append(d.disks, migrate.DiskSource{Name: "disk", Path: diskPath, ReadOnly: o.diskRO})
+		d.disks = append(d.disks, migrate.DiskSource{Name: "disk", Path: diskPath, ReadOnly: o.diskRO, TrackWrites: b.TrackWrites})
 	}
 	if o.net != nil {
 		n, err := attachNet(m, o.net, log)

@@ -111,7 +111,14 @@ func (p *pairLab) startPrimary(t *testing.T, addr string, extra ...string) (*vmm
 // it follows.
 func (p *pairLab) startBackup(t *testing.T, addr, name, tap string, extra ...string) *vmm {
 	t.Helper()
-	args := append([]string{"-backup", addr, "-disk", p.disk(t, name)}, extra...)
+	return p.startBackupDisk(t, addr, name, tap, p.disk(t, name), extra...)
+}
+
+// startBackupDisk is startBackup with the backup's -disk path: one that
+// does not exist yet gets a copy of the primary's image at the join.
+func (p *pairLab) startBackupDisk(t *testing.T, addr, name, tap, disk string, extra ...string) *vmm {
+	t.Helper()
+	args := append([]string{"-backup", addr, "-disk", disk}, extra...)
 	v := startVMM(t, p.net, append(args, p.pairFlags(name, tap)...)...)
 	v.waitLog(t, "joined: following the primary", 3*time.Minute)
 	return v
@@ -424,8 +431,16 @@ func TestLinuxPairLosses(t *testing.T) {
 	gap, _ := cc.gapAround(cut)
 	t.Logf("after the cut: longest wait for a reply %v", gap.Round(time.Millisecond))
 
-	// Re-protection, then a second failover.
-	d := p.startBackup(t, winnerAddr, "D", "gkD")
+	// Re-protection, then a second failover. D has no disk image: the join
+	// copies the survivor's while its guest keeps writing the disk (16 MiB
+	// from the guest's urandom, slow in an emulated guest kernel).
+	if _, err := fmt.Fprintf(winner.stdin, "dd if=/dev/urandom of=/dev/vda bs=64k count=256 &\n"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	dDisk := filepath.Join(p.dir, "D-copied.img")
+	d := p.startBackupDisk(t, winnerAddr, "D", "gkD", dDisk)
+	d.waitLog(t, "the primary's disk image was copied", time.Minute)
 	cc.waitReplies(t, 30, 2*time.Minute)
 	killed := time.Now()
 	winner.cmd.Process.Kill()

@@ -53,6 +53,9 @@ type pairCompat struct {
 	Devices  []string // virtio devices, in order
 	MAC      string   `json:",omitempty"`
 	DiskRO   bool     `json:",omitempty"`
+	// DiskWanted: a backup without an image of its own at its -disk path
+	// (the join copies the primary's there).
+	DiskWanted bool `json:",omitempty"`
 	// Epoch is the primary's arbiter epoch; Name the sender's.
 	Epoch uint64 `json:",omitempty"`
 	Name  string
@@ -64,6 +67,9 @@ func (o *options) compat(name string, epoch uint64) pairCompat {
 	c := pairCompat{Protocol: protocolName, Host: o.host.String(), Position: positionSource, Memory: o.mem, DiskRO: o.diskRO, Epoch: epoch, Name: name}
 	if o.disk != "" {
 		c.Devices = append(c.Devices, "disk")
+		if _, err := os.Stat(o.disk); o.pair.backup != "" && errors.Is(err, os.ErrNotExist) {
+			c.DiskWanted = true
+		}
 	}
 	if o.net != nil {
 		c.Devices = append(c.Devices, "net")
@@ -137,6 +143,9 @@ type pairVMM struct {
 	devs   *devices
 	learn  *announce.Learner
 	stderr io.Writer
+	// createdDisk is the disk image a join copied from the primary (a
+	// resynchronization copies it again).
+	createdDisk string
 }
 
 func (p *pairVMM) channelConfig(role channel.Role, epoch uint64) channel.Config {
@@ -295,6 +304,10 @@ func runPair(o *options, stdin *os.File, stdout, stderr io.Writer, log *slog.Log
 			// A diverged backup never goes live with a state the world
 			// has not seen: it starts again from the primary's.
 			log.Warn("the backup diverged: resynchronizing by state transfer", "err", err, "resync", resyncs+1)
+			if p.createdDisk != "" {
+				os.Remove(p.createdDisk) // copied again, with the rest
+				p.createdDisk = ""
+			}
 			continue
 		}
 		if err != nil {
@@ -410,11 +423,14 @@ func (p *pairVMM) acceptBackup(nc net.Conn) {
 		log.Warn("backup refused", "err", err)
 		return
 	}
-	log.Info("backup authenticated: copying the guest to it")
+	var peer pairCompat
+	json.Unmarshal(conn.Peer(), &peer) // checked in the handshake
+	log.Info("backup authenticated: copying the guest to it", "with the disk", peer.DiskWanted)
 	start := time.Now()
 	res, err := p.node.AcceptBackup(conn, p.runner, migrate.SendOptions{
-		Disks:    p.devs.disks,
-		Progress: func(pr migrate.Progress) { log.Debug("joining", "progress", pr.String()) },
+		Disks:     p.devs.disks,
+		CopyDisks: peer.DiskWanted,
+		Progress:  func(pr migrate.Progress) { log.Debug("joining", "progress", pr.String()) },
 	})
 	if err != nil {
 		conn.Close("the join failed: " + err.Error())
@@ -456,9 +472,19 @@ func (p *pairVMM) join(ctx context.Context, sw *ft.Switch, cfg machine.Config) (
 	}
 	p.log.Info("primary authenticated: receiving the guest", "primary", pc.Name, "epoch", pc.Epoch)
 	start := time.Now()
+	created := "" // a disk image this join made: removed if it fails
 	m, res, err := ft.Join(conn, migrate.ReceiveOptions{
 		Build: func(mf migrate.Manifest) (*machine.Machine, error) {
 			cfg.MemorySize = mf.MemorySize
+			for _, d := range mf.CopiedDisks {
+				if d.Name != "disk" || o.disk == "" {
+					return nil, fmt.Errorf("the primary sends disk %q, which this side has no -disk for", d.Name)
+				}
+				if err := createImage(o.disk, d.Size); err != nil {
+					return nil, err
+				}
+				created = o.disk
+			}
 			m, err := machine.New(cfg)
 			if err != nil {
 				return nil, err
@@ -481,7 +507,18 @@ func (p *pairVMM) join(ctx context.Context, sw *ft.Switch, cfg machine.Config) (
 	})
 	if err != nil {
 		conn.Close("the join failed: " + err.Error())
+		if p.devs != nil {
+			p.devs.close()
+			p.devs = nil
+		}
+		if created != "" {
+			os.Remove(created)
+		}
 		return nil, fmt.Errorf("-backup %s: %w", addr, err)
+	}
+	if created != "" {
+		p.createdDisk = created
+		p.log.Info("the primary's disk image was copied", "path", created)
 	}
 	p.newNode(m, sw)
 	if p.devs.net != nil {
@@ -498,6 +535,24 @@ func (p *pairVMM) join(ctx context.Context, sw *ft.Switch, cfg machine.Config) (
 	}
 	p.log.Info("joined: following the primary", "copied MiB", fmt.Sprintf("%.1f", float64(res.Bytes)/(1<<20)), "took", time.Since(start).Round(time.Millisecond))
 	return m, nil
+}
+
+// createImage makes an empty image of size bytes at path, which must not
+// exist: a backup never overwrites an image it was given.
+func createImage(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("-disk: %w", err)
+	}
+	err = f.Truncate(size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(path)
+		return fmt.Errorf("-disk: %w", err)
+	}
+	return nil
 }
 
 // statusLine describes a node's status for `gokvm-ft status`.

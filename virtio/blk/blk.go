@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"github.com/gokvm-ft/gokvm-ft/virtio"
 )
@@ -75,6 +76,8 @@ type Blk struct {
 
 	t        virtio.Transport // nil until activated
 	features uint64
+
+	tracker atomic.Pointer[writeTracker] // see TrackWrites
 }
 
 // New opens the raw image at path (read-only if readOnly) as a disk.
@@ -260,14 +263,20 @@ func (b *Blk) request(c *virtio.Chain, dataOut uint64) (status byte, written uin
 		if err != nil || !b.segmentsOK(slices) {
 			return StatusIOErr, 0
 		}
-		pos := int64(sector * SectorSize)
+		start := int64(sector * SectorSize)
+		pos := start
+		defer func() {
+			if w := b.tracker.Load(); w != nil {
+				w.mark(start, pos) // what reached the image, even on an error
+			}
+		}()
 		for _, s := range slices {
 			n, err := b.f.WriteAt(s, pos)
+			pos += int64(n)
 			if err != nil {
 				b.hostError("write", err)
 				return StatusIOErr, 0
 			}
-			pos += int64(n)
 		}
 		return StatusOK, 0
 	case TypeFlush:

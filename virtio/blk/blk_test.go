@@ -390,3 +390,37 @@ func TestSaveRestore(t *testing.T) {
 		t.Errorf("serial after restore %q, %v; want the saved disk.img", st.Serial, err)
 	}
 }
+
+// TrackWrites records the blocks the guest writes, and only those, until
+// stopped; take clears what it returns.
+func TestTrackWrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "big.img")
+	if err := os.WriteFile(path, make([]byte, 2*blk.TrackBlock), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b, err := blk.New(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := newDisk(t, b)
+	d.do(blk.TypeOut, 0, out(dataGPA, 512)) // before tracking: not recorded
+	take, stop := d.b.TrackWrites()
+	// A write across the first block's end: blocks 0 and 1.
+	st, _ := d.do(blk.TypeOut, blk.TrackBlock/blk.SectorSize-1, out(dataGPA, 1024))
+	if st != blk.StatusOK {
+		t.Fatalf("write: status %d", st)
+	}
+	d.do(blk.TypeIn, 3, in(dataGPA, 512)) // reads are not writes
+	got := take()
+	if len(got) == 0 || got[0] != 0b11 {
+		t.Fatalf("blocks written: %b, want 0b11", got)
+	}
+	if again := take(); again[0] != 0 {
+		t.Fatalf("take did not clear: %b", again)
+	}
+	stop()
+	d.do(blk.TypeOut, 0, out(dataGPA, 512))
+	if after := take(); after[0] != 0 {
+		t.Fatalf("recorded after stop: %b", after)
+	}
+}
