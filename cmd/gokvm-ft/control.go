@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/gokvm-ft/gokvm-ft/ft"
@@ -40,6 +41,10 @@ type controlServer struct {
 	devs   *devices
 	log    *slog.Logger
 	node   *ft.Node // an FT pair's VMM (status, switchover)
+	// busy counts requests being served: Close lets them answer (a
+	// migrate's client must hear that the guest moved before this VMM
+	// exits).
+	busy sync.WaitGroup
 }
 
 func serveControl(path string, r *machine.Runner, devs *devices, log *slog.Logger) (*controlServer, error) {
@@ -60,10 +65,17 @@ func serveControl(path string, r *machine.Runner, devs *devices, log *slog.Logge
 	return s, nil
 }
 
-// Close stops serving and removes the socket.
+// Close stops serving and removes the socket, after letting requests in
+// progress answer (for up to 10 seconds).
 func (s *controlServer) Close() error {
 	err := s.ln.Close()
 	os.Remove(s.path)
+	done := make(chan struct{})
+	go func() { s.busy.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+	}
 	return err
 }
 
@@ -73,7 +85,11 @@ func (s *controlServer) serve() {
 		if err != nil {
 			return
 		}
-		go s.handle(c)
+		s.busy.Add(1)
+		go func() {
+			defer s.busy.Done()
+			s.handle(c)
+		}()
 	}
 }
 

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -42,6 +44,17 @@ func TestFlagsNameTheBadOne(t *testing.T) {
 		"record -log l -delta-after -1s":    "-delta-after",
 		"record -log l -digest-every x":     "-digest-every",
 		"record -delta-after 1ms":           "-log",
+		"-primary :7000":                    "-key",
+		"-primary :7000 -key k":             "-arbiter",
+		"-primary nocolon -key k -arbiter file:/a":       "-primary",
+		"-primary :1 -backup :2 -key k -arbiter file:/a": "exclude",
+		"-backup :1 -key k -arbiter file:/a -restore d":  "-restore",
+		"-primary :1 -key k -arbiter file:/a -serve :2":  "-serve",
+		"-key k": "-primary or -backup",
+		"-primary :1 -key k -arbiter file:/a -peer-timeout 1ms":                "-peer-timeout",
+		"-primary :1 -key k -arbiter file:/a -guest-ip 10.0.0.300 -net tap=t0": "-guest-ip",
+		"-primary :1 -key k -arbiter file:/a -guest-ip 10.0.0.3":               "-net",
+		"-primary :1 -key k -arbiter file:/a -incoming :2":                     "-incoming",
 	} {
 		var stderr bytes.Buffer
 		if code := run(strings.Fields(args), nil, &bytes.Buffer{}, &stderr); code != exitUsage {
@@ -117,5 +130,32 @@ func TestBadDisk(t *testing.T) {
 	code := run([]string{"-kernel", "/bin/true", "-initrd", "", "-disk", "/nonexistent/disk.img"}, nil, &bytes.Buffer{}, &stderr)
 	if code != exitError || !strings.Contains(stderr.String(), "/nonexistent/disk.img") {
 		t.Errorf("exit %d, %q", code, stderr.String())
+	}
+}
+
+// The pair's key and arbiter are checked before anything starts, with
+// messages that say what to do.
+func TestPairKeyAndArbiterErrors(t *testing.T) {
+	dir := t.TempDir()
+	short := filepath.Join(dir, "short.key")
+	os.WriteFile(short, []byte("tooshort\n"), 0o600)
+	good := filepath.Join(dir, "good.key")
+	os.WriteFile(good, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"-primary", "127.0.0.1:0", "-key", filepath.Join(dir, "none.key"), "-arbiter", "file:" + dir}, "no such file"},
+		{[]string{"-primary", "127.0.0.1:0", "-key", short, "-arbiter", "file:" + dir}, "fewer than 16"},
+		{[]string{"-primary", "127.0.0.1:0", "-key", good, "-arbiter", "etcd:x"}, "-arbiter"},
+		{[]string{"-primary", "127.0.0.1:0", "-key", good, "-arbiter", "file:" + filepath.Join(dir, "missing")}, "-arbiter"},
+	} {
+		var stderr bytes.Buffer
+		if code := run(c.args, nil, &bytes.Buffer{}, &stderr); code != exitError {
+			t.Errorf("%q: exit %d, want %d (%s)", c.args, code, exitError, stderr.String())
+		}
+		if !strings.Contains(stderr.String(), c.want) {
+			t.Errorf("%q: message %q does not say %q", c.args, stderr.String(), c.want)
+		}
 	}
 }
