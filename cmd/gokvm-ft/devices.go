@@ -57,6 +57,15 @@ func parseNet(s string) (*netSpec, error) {
 	return n, nil
 }
 
+// diskPath is the image this VMM uses for a virtio device's disk ("" if
+// it has none), as a live transfer's destination asks.
+func (o *options) diskPath(name string) string {
+	if name == "disk" {
+		return o.disk
+	}
+	return ""
+}
+
 // devices are the machine's virtio devices and their host resources.
 type devices struct {
 	disks   []migrate.DiskSource

@@ -497,12 +497,7 @@ func (p *pairVMM) join(ctx context.Context, sw *ft.Switch, cfg machine.Config) (
 			}
 			return m, nil
 		},
-		DiskPath: func(name string) string {
-			if name == "disk" {
-				return o.disk
-			}
-			return ""
-		},
+		DiskPath: o.diskPath,
 		Progress: func(pr migrate.Progress) { p.log.Debug("joining", "progress", pr.String()) },
 	})
 	if err != nil {

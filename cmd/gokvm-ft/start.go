@@ -86,12 +86,7 @@ func receiveMachine(o *options, cfg machine.Config, log *slog.Logger, stderr io.
 			}
 			return m, nil
 		},
-		DiskPath: func(name string) string {
-			if name == "disk" {
-				return o.disk
-			}
-			return ""
-		},
+		DiskPath: o.diskPath,
 		Progress: func(p migrate.Progress) { log.Debug("incoming", "progress", p.String()) },
 	})
 	if err != nil {

@@ -59,6 +59,17 @@ func pair(t *testing.T, pcfg, bcfg Config, via func(target string) string) (p, b
 	return
 }
 
+// viaProxy puts a proxy (returned in *px) between the ends of a pair.
+func viaProxy(t *testing.T, px **netproxy.Proxy) func(target string) string {
+	return func(target string) string {
+		var err error
+		if *px, err = netproxy.New(target); err != nil {
+			t.Fatal(err)
+		}
+		return (*px).Addr()
+	}
+}
+
 func TestHandshakeAndLog(t *testing.T) {
 	p, b, perr, berr := pair(t, Config{Key: testKey, Compat: []byte("P")}, Config{Key: testKey, Compat: []byte("B")}, nil)
 	if perr != nil || berr != nil {
@@ -184,13 +195,7 @@ func TestHandshakeWithStranger(t *testing.T) {
 func TestPeerLostWhenSilent(t *testing.T) {
 	var px *netproxy.Proxy
 	cfg := Config{Key: testKey, Timeout: 150 * time.Millisecond, Heartbeat: 20 * time.Millisecond}
-	p, b, perr, berr := pair(t, cfg, cfg, func(target string) string {
-		var err error
-		if px, err = netproxy.New(target); err != nil {
-			t.Fatal(err)
-		}
-		return px.Addr()
-	})
+	p, b, perr, berr := pair(t, cfg, cfg, viaProxy(t, &px))
 	if perr != nil || berr != nil {
 		t.Fatalf("handshake: %v / %v", perr, berr)
 	}
@@ -303,13 +308,7 @@ func TestNoFalseLossUnderLoad(t *testing.T) {
 func TestFlowControlAndLag(t *testing.T) {
 	var px *netproxy.Proxy
 	cfg := Config{Key: testKey, Timeout: 2 * time.Second, MaxUnacked: 64 << 10, MaxLag: -1}
-	p, b, perr, berr := pair(t, cfg, Config{Key: testKey, Timeout: 2 * time.Second}, func(target string) string {
-		var err error
-		if px, err = netproxy.New(target); err != nil {
-			t.Fatal(err)
-		}
-		return px.Addr()
-	})
+	p, b, perr, berr := pair(t, cfg, Config{Key: testKey, Timeout: 2 * time.Second}, viaProxy(t, &px))
 	if perr != nil || berr != nil {
 		t.Fatalf("handshake: %v / %v", perr, berr)
 	}
