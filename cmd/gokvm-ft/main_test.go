@@ -159,3 +159,23 @@ func TestPairKeyAndArbiterErrors(t *testing.T) {
 		}
 	}
 }
+
+// The compatibility check names each difference, and refuses one image
+// file used by both VMMs.
+func TestPairCompatCheck(t *testing.T) {
+	a := pairCompat{Protocol: protocolName, Host: "lab-pvm", Position: positionSource, Memory: 256 << 20, Devices: []string{"disk", "net"}, MAC: "52:54:00:12:34:56", DiskFile: "h:1:2", Name: "A"}
+	if err := a.check(a); err == nil || !strings.Contains(err.Error(), "same disk image file") {
+		t.Errorf("one image file for both: %v", err)
+	}
+	b := a
+	b.DiskFile, b.Memory, b.MAC, b.Name = "h:1:3", 512<<20, "52:54:00:00:00:01", "B"
+	err := a.check(b)
+	if err == nil || !strings.Contains(err.Error(), "guest memory (-mem): 256M here, 512M on B") || !strings.Contains(err.Error(), "guest MAC") {
+		t.Errorf("differences: %v", err)
+	}
+	b = a
+	b.DiskFile = "h:1:3"
+	if err := a.check(b); err != nil {
+		t.Errorf("compatible: %v", err)
+	}
+}

@@ -56,6 +56,10 @@ type pairCompat struct {
 	// DiskWanted: a backup without an image of its own at its -disk path
 	// (the join copies the primary's there).
 	DiskWanted bool `json:",omitempty"`
+	// DiskFile identifies the image file (host, device, inode): two VMMs
+	// of a pair on one host must not share one (each applies the guest's
+	// writes to its own).
+	DiskFile string `json:",omitempty"`
 	// Epoch is the primary's arbiter epoch; Name the sender's.
 	Epoch uint64 `json:",omitempty"`
 	Name  string
@@ -67,8 +71,15 @@ func (o *options) compat(name string, epoch uint64) pairCompat {
 	c := pairCompat{Protocol: protocolName, Host: o.host.String(), Position: positionSource, Memory: o.mem, DiskRO: o.diskRO, Epoch: epoch, Name: name}
 	if o.disk != "" {
 		c.Devices = append(c.Devices, "disk")
-		if _, err := os.Stat(o.disk); o.pair.backup != "" && errors.Is(err, os.ErrNotExist) {
+		st, err := os.Stat(o.disk)
+		if o.pair.backup != "" && errors.Is(err, os.ErrNotExist) {
 			c.DiskWanted = true
+		}
+		if err == nil {
+			if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+				host, _ := os.Hostname()
+				c.DiskFile = fmt.Sprintf("%s:%d:%d", host, sys.Dev, sys.Ino)
+			}
 		}
 	}
 	if o.net != nil {
@@ -104,6 +115,9 @@ func (c pairCompat) check(peer pairCompat) error {
 	}
 	if c.DiskRO != peer.DiskRO {
 		differ("-disk-ro", c.DiskRO, peer.DiskRO)
+	}
+	if c.DiskFile != "" && c.DiskFile == peer.DiskFile {
+		diffs = append(diffs, "both VMMs use the same disk image file: each needs its own copy (give the backup a -disk path that does not exist, and the join copies the primary's there)")
 	}
 	if len(diffs) > 0 {
 		return errors.New(strings.Join(diffs, "; "))
