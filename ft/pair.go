@@ -864,6 +864,14 @@ func (n *Node) Run(ctx context.Context, r *machine.Runner) (machine.Stop, error)
 		}
 		return stop, fmt.Errorf("ft: %w", why)
 	case err != nil:
+		// A VMM whose run failed (a backup that diverged, a primary
+		// whose machine broke) is out: it must not contend for the
+		// arbiter when its channel ends, and its peer goes on.
+		n.mu.Lock()
+		if n.role == RolePrimary || n.role == RoleBackup {
+			n.role, n.stopped = RoleStopped, err
+		}
+		n.mu.Unlock()
 		if s != nil {
 			s.conn.Close("stopped: " + err.Error())
 		}

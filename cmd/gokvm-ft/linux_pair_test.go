@@ -479,7 +479,8 @@ func logBytes(t *testing.T, ctl string) int64 {
 // counter service's request rate from one client connection for the guest
 // run plain and run protected (primary with a backup following), and the
 // logging channel's bandwidth busy (serving the client) and idle. It
-// reports; timings on a shared test host are too noisy to judge.
+// reports; timings on a shared test host are too noisy to judge. Then the
+// guest powers off on the primary, and the backup follows it there.
 func TestLinuxPairThroughput(t *testing.T) {
 	p := newPairLab(t)
 	const window = 5 * time.Second
@@ -518,6 +519,25 @@ func TestLinuxPairThroughput(t *testing.T) {
 	t.Logf("counter service, one connection: plain %.0f requests/s, protected %.0f requests/s: FT/plain %.2f", plain, protected, protected/plain)
 	t.Logf("logging channel: idle %.1f KiB/s, serving the client %.1f KiB/s (%d replies in all)",
 		float64(l1-l0)/1024/window.Seconds(), float64(l3-l2)/1024/window.Seconds(), n)
-	a.cmd.Process.Kill()
-	b.cmd.Process.Kill()
+
+	// A guest that powers off on the primary does so on the backup: a
+	// replicated event, not a failure. The backup ends at the same exit
+	// with the primary's final state digest.
+	if _, err := fmt.Fprintf(a.stdin, "poweroff\n"); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []*vmm{a, b} {
+		select {
+		case code := <-v.done:
+			if code != 0 {
+				t.Fatalf("exit status %d after the guest's poweroff: %s", code, v.stderr.String())
+			}
+		case <-time.After(3 * time.Minute):
+			t.Fatalf("no exit after the guest's poweroff: %s", v.stderr.String())
+		}
+	}
+	if !strings.Contains(b.stderr.String(), "the backup followed it to the same state") || strings.Contains(b.stderr.String(), "took over") {
+		t.Fatalf("the backup did not follow the poweroff:\n%s", b.stderr.String())
+	}
+	t.Log("poweroff on the primary: the backup stopped at the same exit with the same state digest")
 }
