@@ -69,6 +69,12 @@ func (s *Switch) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
 	return s.get().NextSync(n, delta)
 }
 
+// SyncPoints forwards to the current journal (true unless it says no).
+func (s *Switch) SyncPoints() bool {
+	sp, ok := s.get().(machine.SyncPointer)
+	return !ok || sp.SyncPoints()
+}
+
 // Unlogged is the journal of a VM that runs alone: the live world comes
 // in at deterministic exits and nothing is written down.
 type Unlogged struct{}
@@ -92,6 +98,9 @@ func (Unlogged) Sync(*machine.SyncPoint) error { return nil }
 
 // NextSync is nil.
 func (Unlogged) NextSync(uint64, bool) (*machine.SyncPoint, error) { return nil, nil }
+
+// SyncPoints is false: nobody would check them (machine.SyncPointer).
+func (Unlogged) SyncPoints() bool { return false }
 
 // Role is what a node of the pair is now.
 type Role int
@@ -821,6 +830,9 @@ func (f *follower) WindowRequested(p machine.Position) error {
 }
 
 func (f *follower) Live() bool { return f.live != nil }
+
+// SyncPoints: a replay checks the log's; once live, nobody checks.
+func (f *follower) SyncPoints() bool { return f.live == nil }
 
 func (f *follower) Sync(sp *machine.SyncPoint) error {
 	if f.live == nil {

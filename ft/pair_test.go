@@ -675,6 +675,16 @@ func TestPairOverhead(t *testing.T) {
 		}
 		return time.Since(start)
 	}
+	alone := func(p *tinyguest.Program) time.Duration {
+		arb, err := arbiter.Open("file:" + t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, rn := pairNodeFor(t, newWire(), "A", arb, p)
+		start := time.Now()
+		wantExit(t, "alone", <-runNode(t, n, rn))
+		return time.Since(start)
+	}
 	protected := func(p *tinyguest.Program) (time.Duration, int64, machine.ExitStats) {
 		r := newPairFor(t, p)
 		start := time.Now()
@@ -690,18 +700,19 @@ func TestPairOverhead(t *testing.T) {
 		name string
 		p    *tinyguest.Program
 	}{{"CPU-bound (2^27 user-mode counts, no exits of its own)", cpu}, {"output (1500 numbered outputs through a port)", seqProgram(t)}, {"idle (HLT, 200 PIT ticks)", idle}} {
-		var tp, tf []time.Duration
+		var tp, ta, tf []time.Duration
 		var logBytes int64
 		var st machine.ExitStats
 		for i := 0; i < 3; i++ {
 			tp = append(tp, plain(g.p))
+			ta = append(ta, alone(g.p))
 			d, b, s := protected(g.p)
 			tf = append(tf, d)
 			logBytes, st = b, s
 		}
-		mp, mf := benchutil.Median(tp), benchutil.Median(tf)
-		t.Logf("%s, median of 3: plain %v, protected %v: FT/plain time %.2f (throughput %.2f); log %.1f KiB/s; %d state deltas, %d digest checks",
-			g.name, mp.Round(time.Millisecond), mf.Round(time.Millisecond), mf.Seconds()/mp.Seconds(), mp.Seconds()/mf.Seconds(),
+		mp, ma, mf := benchutil.Median(tp), benchutil.Median(ta), benchutil.Median(tf)
+		t.Logf("%s, median of 3: plain %v, unprotected primary %v, protected %v: FT/plain time %.2f (throughput %.2f); log %.1f KiB/s; %d state deltas, %d digest checks",
+			g.name, mp.Round(time.Millisecond), ma.Round(time.Millisecond), mf.Round(time.Millisecond), mf.Seconds()/mp.Seconds(), mp.Seconds()/mf.Seconds(),
 			float64(logBytes)/1024/mf.Seconds(), st.Deltas, st.SyncChecks)
 	}
 }

@@ -505,7 +505,7 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		}
 		defer m.disarmDelta()
 	}
-	recordDeltas := m.sync != nil && j.Live() && m.cfg.DeltaAfter > 0
+	recordDeltas := m.sync != nil && j.Live() && m.cfg.DeltaAfter > 0 && m.journalSyncs()
 	for {
 		if m.stop != nil {
 			return *m.stop, nil
@@ -722,6 +722,21 @@ func (m *Machine) journalPointAt(ctx context.Context, pos Position, halt bool) e
 	return nil
 }
 
+// SyncPointer is what a live Journal may also be: one that says whether
+// sync points are wanted now. A journal that writes nothing down (an FT
+// primary with no backup) says no, and the machine then takes no state
+// deltas or digests: it runs as fast as without sync points. Read at the
+// start of each Run (deltas) and at each check (digests).
+type SyncPointer interface {
+	SyncPoints() bool
+}
+
+// journalSyncs reports whether the journal wants sync points now.
+func (m *Machine) journalSyncs() bool {
+	sp, ok := m.journal.(SyncPointer)
+	return !ok || sp.SyncPoints()
+}
+
 // syncCheck is the digest check at a deterministic exit: a recorder logs
 // one every DigestEvery, a replayer checks the one logged here.
 func (m *Machine) syncCheck(pos Position) error {
@@ -729,7 +744,7 @@ func (m *Machine) syncCheck(pos Position) error {
 		return nil
 	}
 	if m.journal.Live() {
-		if m.cfg.DigestEvery <= 0 || time.Since(m.sync.lastCheck) < m.cfg.DigestEvery {
+		if m.cfg.DigestEvery <= 0 || time.Since(m.sync.lastCheck) < m.cfg.DigestEvery || !m.journalSyncs() {
 			return nil
 		}
 		m.sync.lastCheck = time.Now()

@@ -156,7 +156,7 @@ type Conn struct {
 	dead    chan struct{}
 	deadErr error
 
-	lastSlowLog time.Time // waitRoom's (the one writer's) rate limit
+	lastSlowLog time.Time // waitRoom's rate limit (under mu)
 }
 
 type flight struct {
@@ -602,16 +602,20 @@ func (c *Conn) waitRoom(k int64) error {
 			c.mu.Unlock()
 			return err
 		}
-		over := c.sent > c.acked && c.sent-c.acked+k > c.cfg.MaxUnacked
+		unacked := c.sent - c.acked
+		over := c.sent > c.acked && unacked+k > c.cfg.MaxUnacked
 		lag := c.lagLocked()
 		changed := c.changed
+		logSlow := time.Since(c.lastSlowLog) > 5*time.Second
+		if logSlow {
+			c.lastSlowLog = time.Now()
+		}
 		c.mu.Unlock()
 		if !over && (c.cfg.MaxLag < 0 || lag <= c.cfg.MaxLag) {
 			return nil
 		}
-		if now := time.Now(); now.Sub(c.lastSlowLog) > 5*time.Second {
-			c.lastSlowLog = now
-			c.cfg.Logger.Warn("slowing the guest: the backup lags", "lag", lag.Round(time.Millisecond), "max", c.cfg.MaxLag, "unacknowledged bytes", c.sent-c.acked)
+		if logSlow {
+			c.cfg.Logger.Warn("slowing the guest: the backup lags", "lag", lag.Round(time.Millisecond), "max", c.cfg.MaxLag, "unacknowledged bytes", unacked)
 		}
 		// Acks come at least every heartbeat; look again then anyway.
 		select {

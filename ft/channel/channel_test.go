@@ -224,9 +224,10 @@ func TestPeerLostWhenSilent(t *testing.T) {
 	}
 	took := time.Since(cut)
 	t.Logf("loss detected after %v (timeout 150ms): %v", took, b.Err())
-	// The timeout counts from the last frame heard, up to a heartbeat
-	// before the cut.
-	if took < 150*time.Millisecond-cfg.Heartbeat {
+	// The timeout counts from the last frame heard, which went out up to
+	// one and a half heartbeat periods before the cut (a quiet end checks
+	// every half period whether it has been quiet for a whole one).
+	if took < 150*time.Millisecond-2*cfg.Heartbeat {
 		t.Fatalf("loss declared after %v, before the timeout", took)
 	}
 	if _, err := p.LogWriter().Write([]byte("x")); !errors.Is(err, ErrPeerLost) {
