@@ -252,9 +252,11 @@ func (n *Node) keepRecent(s *session, o machine.Output) {
 	s.recent = append(s.recent, o)
 }
 
-// trimRecent drops the output the primary released; n.mu held.
+// endFollow ends a backup's following: its replay stops waiting for log
+// and ends where the log does (once; later calls do nothing).
 func (s *session) endFollow() { s.goLiveOnce.Do(func() { close(s.goLive) }) }
 
+// trimRecent drops the output the primary released; n.mu held.
 func (s *session) trimRecent() {
 	i := 0
 	for i < len(s.recent) && s.recent[i].Exit <= s.releasedExit {
