@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -192,7 +193,7 @@ func runClient(args []string, stdout, stderr io.Writer) int {
 		nargs = 0 // status, switchover
 	}
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: gokvm-ft %s -control PATH %s\n", op, what)
+		fmt.Fprintf(stderr, "usage: gokvm-ft %s -control PATH%s\n", op, strings.TrimRight(" "+what, " "))
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args[1:]); err != nil {

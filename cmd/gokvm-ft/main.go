@@ -110,7 +110,7 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 	disk := fs.String("disk", "", "raw disk image for a virtio-blk disk (the guest's /dev/vda)")
 	diskRO := fs.Bool("disk-ro", false, "make the -disk read-only")
 	netFlag := fs.String("net", "", "virtio-net on a Linux tap device: tap=NAME[,mac=52:54:00:12:34:56]")
-	control := fs.String("control", "", "serve a control socket at this path (gokvm-ft snapshot/migrate talk to it)")
+	control := fs.String("control", "", "serve a control socket at this path (gokvm-ft snapshot, migrate, status and switchover talk to it)")
 	restoreDir := fs.String("restore", "", "start from the snapshot in this directory instead of booting (disk: the snapshot's copy, or -disk PATH, copied there if it does not exist)")
 	incoming := fs.String("incoming", "", "wait on this TCP address (host:port) for a live transfer, then run the guest")
 	stats := fs.Bool("stats", false, "print exit statistics (exits by reason and port, time in the guest) at exit")
