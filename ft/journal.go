@@ -75,6 +75,26 @@ func (r *Recorder) Deliver(p machine.Position, halted bool, live func() []machin
 	return in, nil
 }
 
+// deviceInputFailed marks a device input entry whose live read failed: the
+// data is the error's text.
+const deviceInputFailed = "!"
+
+// DeviceInput logs what a device read from outside the guest during the
+// exit at p (machine.DeviceInputJournal), or that the read failed.
+func (r *Recorder) DeviceInput(p machine.Position, name string, live func() ([]byte, error)) ([]byte, error) {
+	data, err := live()
+	if err != nil {
+		if lerr := r.enc.Opaque(logPos(p), 0, name+deviceInputFailed, []byte(err.Error())); lerr != nil {
+			return nil, fmt.Errorf("record: %w", lerr)
+		}
+		return nil, err
+	}
+	if err := r.enc.Opaque(logPos(p), 0, name, data); err != nil {
+		return nil, fmt.Errorf("record: %w", err)
+	}
+	return data, nil
+}
+
 // Injected logs an interrupt injection.
 func (r *Recorder) Injected(p machine.Position, vector uint8) error {
 	return r.enc.Interrupt(logPos(p), vector)
@@ -350,6 +370,27 @@ func (r *Replayer) Deliver(p machine.Position, halted bool, live func() []machin
 		return in, machine.ErrLogEnd
 	}
 	return in, nil
+}
+
+// DeviceInput returns what the recording's device read at p (its RIP is
+// not known inside an exit: the exit count places it).
+func (r *Replayer) DeviceInput(p machine.Position, name string, live func() ([]byte, error)) ([]byte, error) {
+	e, err := r.peekAt(p.Exits)
+	if err != nil {
+		return nil, err
+	}
+	if e == nil || e.Kind != ftlog.Opaque || e.Pos.Exits != p.Exits || (e.Name != name && e.Name != name+deviceInputFailed) {
+		want := "nothing"
+		if e != nil {
+			want = describe(e)
+		}
+		return nil, &DivergenceError{At: p, Want: want, Detail: "the replay's device read " + name}
+	}
+	x := r.take()
+	if x.Name != name {
+		return nil, &machine.DeviceReadError{Msg: string(x.Data)}
+	}
+	return x.Data, nil
 }
 
 // Injected checks an injection against the log.

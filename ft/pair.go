@@ -69,6 +69,15 @@ func (s *Switch) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
 	return s.get().NextSync(n, delta)
 }
 
+// DeviceInput forwards to the current journal, or reads live if it does
+// not carry device input.
+func (s *Switch) DeviceInput(p machine.Position, name string, live func() ([]byte, error)) ([]byte, error) {
+	if d, ok := s.get().(machine.DeviceInputJournal); ok {
+		return d.DeviceInput(p, name, live)
+	}
+	return live()
+}
+
 // SyncPoints forwards to the current journal (true unless it says no).
 func (s *Switch) SyncPoints() bool {
 	sp, ok := s.get().(machine.SyncPointer)
@@ -101,6 +110,11 @@ func (Unlogged) NextSync(uint64, bool) (*machine.SyncPoint, error) { return nil,
 
 // SyncPoints is false: nobody would check them (machine.SyncPointer).
 func (Unlogged) SyncPoints() bool { return false }
+
+// DeviceInput reads live.
+func (Unlogged) DeviceInput(p machine.Position, name string, live func() ([]byte, error)) ([]byte, error) {
+	return live()
+}
 
 // Role is what a node of the pair is now.
 type Role int
@@ -233,12 +247,12 @@ func (n *Node) keepRecent(s *session, o machine.Output) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.session != s || (n.role != RoleBackup && n.role != RoleAlone) {
-		o.Data.Release()
+		o.Drop()
 		return
 	}
 	s.trimRecent()
 	if o.Exit <= s.releasedExit {
-		o.Data.Release()
+		o.Drop()
 		return
 	}
 	if n.role == RoleAlone {
@@ -246,7 +260,7 @@ func (n *Node) keepRecent(s *session, o machine.Output) {
 		return
 	}
 	if len(s.recent) == maxRecent {
-		s.recent[0].Data.Release()
+		s.recent[0].Drop()
 		s.recent = s.recent[1:]
 	}
 	s.recent = append(s.recent, o)
@@ -260,7 +274,7 @@ func (s *session) endFollow() { s.goLiveOnce.Do(func() { close(s.goLive) }) }
 func (s *session) trimRecent() {
 	i := 0
 	for i < len(s.recent) && s.recent[i].Exit <= s.releasedExit {
-		s.recent[i].Data.Release()
+		s.recent[i].Drop()
 		i++
 	}
 	s.recent = s.recent[i:]
@@ -437,13 +451,13 @@ func (n *Node) gate(o machine.Output) {
 		n.keepRecent(s, o)
 		return
 	case RoleStopped:
-		o.Data.Release()
+		o.Drop()
 		return
 	}
 	// The log up to this exit produced the output: send it out now, and
 	// let the output go once the backup acknowledges that much.
 	if err := s.rec.Flush(); err != nil {
-		o.Data.Release() // the node stops: the error comes back at the next log write
+		o.Drop() // the node stops: the error comes back at the next log write
 		return
 	}
 	off := s.conn.Sent()
@@ -460,7 +474,7 @@ func (n *Node) gate(o machine.Output) {
 			s.releasedExit = max(s.releasedExit, o.Exit)
 		}
 	} else {
-		o.Data.Release()
+		o.Drop()
 	}
 	n.mu.Unlock()
 }
@@ -553,7 +567,7 @@ func (n *Node) watchBackup(s *session) {
 		n.Logger.Info("running alone, unprotected", "epoch", n.Epoch(), "released", len(held))
 	} else {
 		for _, h := range held {
-			h.o.Data.Release()
+			h.o.Drop()
 		}
 		n.stop()
 	}
@@ -638,7 +652,7 @@ func (n *Node) takeOver(s *session) {
 	} else {
 		n.role, n.stopped = RoleStopped, errors.New("the primary goes on (it won the arbiter): this backup stops")
 		for _, o := range s.recent {
-			o.Data.Release()
+			o.Drop()
 		}
 	}
 	s.recent = nil
@@ -677,7 +691,7 @@ func (n *Node) Switchover(r *machine.Runner, timeout time.Duration) error {
 			n.mu.Lock()
 			n.role, n.session = RoleStopped, nil
 			for _, h := range s.held {
-				h.o.Data.Release() // the backup sends what it may be
+				h.o.Drop() // the backup sends what it may be
 			}
 			s.held = nil
 			n.mu.Unlock()
@@ -829,6 +843,21 @@ func (f *follower) WindowRequested(p machine.Position) error {
 		return j.WindowRequested(p)
 	}
 	return f.live.WindowRequested(p)
+}
+
+func (f *follower) DeviceInput(p machine.Position, name string, live func() ([]byte, error)) ([]byte, error) {
+	if f.live != nil {
+		return live()
+	}
+	data, err := f.rep.DeviceInput(p, name, live)
+	var dre *machine.DeviceReadError
+	if err == nil || errors.As(err, &dre) {
+		return data, err
+	}
+	if _, err := f.check(err); err != nil {
+		return nil, err
+	}
+	return live() // live from here
 }
 
 func (f *follower) Live() bool { return f.live != nil }

@@ -238,3 +238,40 @@ func (m *Machine) ContinueLive() {
 		c.Set(m.stepped.Now())
 	}
 }
+
+// DeviceInputJournal is a Journal that also carries data a device reads
+// from outside the guest inside an exit (a disk image that another VMM
+// writes): a recorder logs what live returns, a replayer returns what was
+// logged at the same position instead of calling live.
+type DeviceInputJournal interface {
+	DeviceInput(p Position, name string, live func() ([]byte, error)) ([]byte, error)
+}
+
+// DeviceReadError is a device input that failed in the recording: the
+// replay fails the same read the same way.
+type DeviceReadError struct{ Msg string }
+
+func (e *DeviceReadError) Error() string { return e.Msg + " (as in the recording)" }
+
+// DeviceInput is how a device reads outside data during the exit it
+// serves (the vCPU thread): through the journal when there is one that
+// carries device input, else directly. An error is the device's to report
+// to the guest; a journal's own failure (a divergence, a broken log) also
+// stops the machine after this exit.
+func (m *Machine) DeviceInput(name string, live func() ([]byte, error)) ([]byte, error) {
+	j, ok := m.journal.(DeviceInputJournal)
+	if !ok {
+		return live()
+	}
+	var liveErr error
+	data, err := j.DeviceInput(Position{Exits: m.exits + 1}, name, func() ([]byte, error) {
+		d, err := live()
+		liveErr = err
+		return d, err
+	})
+	var dre *DeviceReadError
+	if err != nil && err != liveErr && !errors.As(err, &dre) && m.journalErr == nil {
+		m.journalErr = fmt.Errorf("device input %s: %w", name, err)
+	}
+	return data, err
+}

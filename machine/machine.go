@@ -195,6 +195,9 @@ type Machine struct {
 	// restoredReady: ReadyForInterrupt of the restored state, for the
 	// first injection decision (hasRestoredReady).
 	restoredReady, hasRestoredReady bool
+	// journalErr: a journal failed inside an exit (DeviceInput); the run
+	// ends with it after the exit.
+	journalErr error
 	virtio                          []*VirtioSlot
 
 	kickMu sync.Mutex
@@ -667,6 +670,11 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 			return Stop{}, m.exitError(ex.Reason, fmt.Sprintf("suberror %d (1: instruction emulation failed) data %#x", ie.Suberror, ie.Data[:n]))
 		default:
 			return Stop{}, m.exitError(ex.Reason, "unexpected exit")
+		}
+		if m.journalErr != nil {
+			err := m.journalErr
+			m.journalErr = nil
+			return Stop{}, err
 		}
 		m.exits++
 		m.stats.count(&ex)

@@ -110,9 +110,20 @@ type Output struct {
 // the data. An OutputGate calls it, at once or once the output may leave.
 func (o Output) Send() { o.Port.sink(o.Data) }
 
+// Drop discards output that will never leave (an FT backup's, or one
+// whose VMM stops): the port's drop function, if it has one, learns of it
+// (a disk forgets the write it held for it); the data is released.
+func (o Output) Drop() {
+	if o.Port.drop != nil {
+		o.Port.drop(o.Data)
+		return
+	}
+	o.Data.Release()
+}
+
 // OutputGate decides when output leaves the machine. It is called on the
 // vCPU thread and must not block; it owns o.Data until it calls o.Send or
-// releases it.
+// o.Drop.
 type OutputGate func(o Output)
 
 // SendNow is the gate of an unprotected machine: output leaves at once.
@@ -123,6 +134,7 @@ type OutputPort struct {
 	m    *Machine
 	name string
 	sink func(buffer.Buffer)
+	drop func(buffer.Buffer)
 }
 
 // NewOutputPort registers an output port; sink takes ownership of each
@@ -131,6 +143,11 @@ type OutputPort struct {
 func (m *Machine) NewOutputPort(name string, sink func(buffer.Buffer)) *OutputPort {
 	return &OutputPort{m: m, name: name, sink: sink}
 }
+
+// OnDrop sets what happens to output dropped instead of sent (see
+// Output.Drop); drop takes ownership of the buffer. Set it before the
+// machine runs.
+func (p *OutputPort) OnDrop(drop func(buffer.Buffer)) { p.drop = drop }
 
 // Name is the port's name.
 func (p *OutputPort) Name() string { return p.name }

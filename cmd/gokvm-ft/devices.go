@@ -7,6 +7,8 @@ import (
 	"net"
 	"strings"
 
+	"gvisor.dev/gvisor/pkg/buffer"
+
 	"github.com/gokvm-ft/gokvm-ft/machine"
 	"github.com/gokvm-ft/gokvm-ft/migrate"
 	"github.com/gokvm-ft/gokvm-ft/virtio/blk"
@@ -66,6 +68,24 @@ func (o *options) diskPath(name string) string {
 	return ""
 }
 
+// shareDisk makes b an FT pair's shared disk: its reads travel as the
+// machine's device input, its writes as output through the gate (held on a
+// primary until the backup has the log, dropped on a backup).
+func shareDisk(m *machine.Machine, b *blk.Blk) {
+	port := m.NewOutputPort("disk", func(w buffer.Buffer) {
+		b.Apply(w.Flatten()) // a failure is logged by the disk
+		w.Release()
+	})
+	port.OnDrop(func(w buffer.Buffer) {
+		b.Forget(w.Flatten())
+		w.Release()
+	})
+	b.SetShared(blk.Shared{
+		Input: func(live func() ([]byte, error)) ([]byte, error) { return m.DeviceInput("disk-read", live) },
+		Emit:  func(w []byte) { port.Emit(buffer.MakeWithData(w)) },
+	})
+}
+
 // devices are the machine's virtio devices and their host resources.
 type devices struct {
 	disks   []migrate.DiskSource
@@ -89,6 +109,9 @@ func attachDevices(m *machine.Machine, o *options, diskPath string, deferTap boo
 		}
 		b.SetLogger(log.With("disk", diskPath))
 		d.closers = append(d.closers, b.Close)
+		if o.pair.diskShared {
+			shareDisk(m, b)
+		}
 		if _, err := m.AddVirtio("disk", b); err != nil {
 			return d, err
 		}

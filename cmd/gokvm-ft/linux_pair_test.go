@@ -541,3 +541,31 @@ func TestLinuxPairThroughput(t *testing.T) {
 	}
 	t.Log("poweroff on the primary: the backup stopped at the same exit with the same state digest")
 }
+
+// TestLinuxPairSharedDisk runs the pair on one disk image (-disk-shared):
+// the primary's guest writes a file to it and the primary is killed; the
+// backup, which never touched the image while following, goes live and
+// reads the file back, and the image holds it.
+func TestLinuxPairSharedDisk(t *testing.T) {
+	p := newPairLab(t)
+	const addr = "127.0.0.1:7940"
+	shared := p.disk(t, "shared")
+	a := startVMM(t, p.net, append([]string{"-restore", p.snap, "-disk", shared, "-disk-shared", "-primary", addr}, p.pairFlags("A", "gkA")...)...)
+	a.waitLog(t, "running unprotected", 2*time.Minute)
+	b := p.startBackupDisk(t, addr, "B", "gkB", shared, "-disk-shared")
+	pos := a.shell(t, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo shared-$((6*7)) > /mnt/f && sync && umount /mnt && echo WROTE-$((0+1))", "WROTE-1", 0)
+	_ = pos
+	a.cmd.Process.Kill()
+	<-a.done
+	b.waitLog(t, "live: the backup took over", time.Minute)
+	bpos := b.shell(t, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && cat /mnt/f && umount /mnt", "shared-42", 0)
+	b.powerOff(t, bpos)
+	img, err := os.ReadFile(shared)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(img), "shared-42") {
+		t.Fatal("the shared image does not hold the file the guest wrote")
+	}
+	t.Log("the backup read the primary's write back from the shared image after the failover")
+}

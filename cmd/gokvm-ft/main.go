@@ -117,6 +117,7 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 	hostCPU := fs.Int("host-cpu", -1, "pin the vCPU thread to this host CPU (-1: no pinning, except that a recording on the lab host pins to CPU 0, since its CPUID reports the host CPU)")
 	var primary, backup, serve, keyFile, arbSpec, pairName, guestIP *string
 	var peerTimeout, maxLag, joinTimeout *time.Duration
+	var diskShared *bool
 	if sub == "" {
 		primary = fs.String("primary", "", "run the guest as an FT primary, serving the logging channel on this address (host:port); unprotected until a backup joins")
 		backup = fs.String("backup", "", "join the FT primary at this address (host:port) as its backup: the guest comes from the primary, not from -kernel")
@@ -128,6 +129,7 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 		peerTimeout = fs.Duration("peer-timeout", 200*time.Millisecond, "FT pair: declare the peer lost after this long without a word from it")
 		maxLag = fs.Duration("max-lag", 100*time.Millisecond, "FT pair: slow the primary's guest down when the backup's replay is this far behind")
 		joinTimeout = fs.Duration("join-timeout", time.Minute, "FT backup: how long to wait for the primary to answer")
+		diskShared = fs.Bool("disk-shared", false, "FT pair: both VMMs use the one -disk image (shared storage): only the live VMM writes it, each write once the backup has the log that produced it; the backup's reads come from the primary's log")
 	}
 	profile := fs.String("profile", "", "write a sampling profile of guest RIPs to this file at exit (kernel symbols from System.map beside -kernel)")
 	fs.Usage = func() {
@@ -181,7 +183,7 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 		return nil, fmt.Errorf("-%s: %w", levelFlag, err)
 	}
 	if sub == "" {
-		if err := o.parsePair(*primary, *backup, *serve, *keyFile, *arbSpec, *pairName, *guestIP, *peerTimeout, *maxLag, *joinTimeout); err != nil {
+		if err := o.parsePair(*primary, *backup, *serve, *keyFile, *arbSpec, *pairName, *guestIP, *peerTimeout, *maxLag, *joinTimeout, *diskShared); err != nil {
 			return nil, err
 		}
 	}

@@ -37,6 +37,8 @@ type pairOptions struct {
 	maxLag          time.Duration
 	guestIPs        []netip.Addr
 	joinTimeout     time.Duration
+	// diskShared: both VMMs use one -disk image on shared storage.
+	diskShared bool
 }
 
 // protocolName names what a pair's VMMs must share beyond the channel: the
@@ -56,6 +58,8 @@ type pairCompat struct {
 	// DiskWanted: a backup without an image of its own at its -disk path
 	// (the join copies the primary's there).
 	DiskWanted bool `json:",omitempty"`
+	// DiskShared: the VMMs share one image (-disk-shared).
+	DiskShared bool `json:",omitempty"`
 	// DiskFile identifies the image file (host, device, inode): two VMMs
 	// of a pair on one host must not share one (each applies the guest's
 	// writes to its own).
@@ -71,8 +75,9 @@ func (o *options) compat(name string, epoch uint64) pairCompat {
 	c := pairCompat{Protocol: protocolName, Host: o.host.String(), Position: positionSource, Memory: o.mem, DiskRO: o.diskRO, Epoch: epoch, Name: name}
 	if o.disk != "" {
 		c.Devices = append(c.Devices, "disk")
+		c.DiskShared = o.pair.diskShared
 		st, err := os.Stat(o.disk)
-		if o.pair.backup != "" && errors.Is(err, os.ErrNotExist) {
+		if o.pair.backup != "" && errors.Is(err, os.ErrNotExist) && !c.DiskShared {
 			c.DiskWanted = true
 		}
 		if err == nil {
@@ -116,7 +121,10 @@ func (c pairCompat) check(peer pairCompat) error {
 	if c.DiskRO != peer.DiskRO {
 		differ("-disk-ro", c.DiskRO, peer.DiskRO)
 	}
-	if c.DiskFile != "" && c.DiskFile == peer.DiskFile {
+	if c.DiskShared != peer.DiskShared {
+		differ("-disk-shared", c.DiskShared, peer.DiskShared)
+	}
+	if c.DiskFile != "" && c.DiskFile == peer.DiskFile && !c.DiskShared {
 		diffs = append(diffs, "both VMMs use the same disk image file: each needs its own copy (give the backup a -disk path that does not exist, and the join copies the primary's there)")
 	}
 	if len(diffs) > 0 {
@@ -580,13 +588,16 @@ func statusLine(st ft.Status) string {
 }
 
 // parsePair checks the FT pair's flags.
-func (o *options) parsePair(primary, backup, serve, keyFile, arb, name, guestIP string, peerTimeout, maxLag, joinTimeout time.Duration) error {
-	p := pairOptions{primary: primary, backup: backup, serve: serve, keyFile: keyFile, arbiter: arb, name: name, peerTimeout: peerTimeout, maxLag: maxLag, joinTimeout: joinTimeout}
+func (o *options) parsePair(primary, backup, serve, keyFile, arb, name, guestIP string, peerTimeout, maxLag, joinTimeout time.Duration, diskShared bool) error {
+	p := pairOptions{primary: primary, backup: backup, serve: serve, keyFile: keyFile, arbiter: arb, name: name, peerTimeout: peerTimeout, maxLag: maxLag, joinTimeout: joinTimeout, diskShared: diskShared}
 	if primary == "" && backup == "" {
-		if keyFile != "" || arb != "" || guestIP != "" || serve != "" {
-			return errors.New("-key, -arbiter, -serve and -guest-ip belong to an FT pair: add -primary or -backup")
+		if keyFile != "" || arb != "" || guestIP != "" || serve != "" || diskShared {
+			return errors.New("-key, -arbiter, -serve, -guest-ip and -disk-shared belong to an FT pair: add -primary or -backup")
 		}
 		return nil
+	}
+	if diskShared && o.disk == "" {
+		return errors.New("-disk-shared needs -disk: the image both VMMs share")
 	}
 	if serve != "" {
 		if backup == "" {

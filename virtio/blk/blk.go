@@ -78,6 +78,7 @@ type Blk struct {
 	features uint64
 
 	tracker atomic.Pointer[writeTracker] // see TrackWrites
+	shared  *sharedState                 // see SetShared
 }
 
 // New opens the raw image at path (read-only if readOnly) as a disk.
@@ -245,6 +246,17 @@ func (b *Blk) request(c *virtio.Chain, dataOut uint64) (status byte, written uin
 			return StatusIOErr, 0
 		}
 		pos := int64(sector * SectorSize)
+		if b.shared != nil {
+			data, err := b.readShared(pos, int(dataOut))
+			if err != nil {
+				b.hostError("read", err)
+				return StatusIOErr, 0
+			}
+			for _, s := range slices {
+				written += uint64(copy(s, data[written:]))
+			}
+			return StatusOK, written
+		}
 		for _, s := range slices {
 			n, err := b.f.ReadAt(s, pos)
 			written += uint64(n)
@@ -264,6 +276,14 @@ func (b *Blk) request(c *virtio.Chain, dataOut uint64) (status byte, written uin
 			return StatusIOErr, 0
 		}
 		start := int64(sector * SectorSize)
+		if b.shared != nil {
+			data := make([]byte, 0, dataIn)
+			for _, s := range slices {
+				data = append(data, s...)
+			}
+			b.writeShared(start, data)
+			return StatusOK, 0
+		}
 		pos := start
 		defer func() {
 			if w := b.tracker.Load(); w != nil {
