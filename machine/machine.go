@@ -198,7 +198,7 @@ type Machine struct {
 	// journalErr: a journal failed inside an exit (DeviceInput); the run
 	// ends with it after the exit.
 	journalErr error
-	virtio                          []*VirtioSlot
+	virtio     []*VirtioSlot
 
 	kickMu sync.Mutex
 	closed bool
