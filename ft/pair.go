@@ -234,7 +234,6 @@ type session struct {
 	// this exit (a primary: the latest it told the backup of).
 	recent       []machine.Output
 	releasedExit uint64
-	done         chan struct{}
 }
 
 // maxRecent bounds the output a backup keeps for a failover.
@@ -374,7 +373,7 @@ func (n *Node) Protect(conn *channel.Conn) error {
 	if n.role != RoleAlone {
 		return fmt.Errorf("ft: a %v cannot take a backup", n.role)
 	}
-	s := &session{conn: conn, decided: make(chan struct{}), done: make(chan struct{})}
+	s := &session{conn: conn, decided: make(chan struct{})}
 	rec, err := NewRecorder(&pairSink{s: s, w: conn.LogWriter()}, nil)
 	if err != nil {
 		return err
@@ -411,7 +410,7 @@ func (n *Node) Follow(conn *channel.Conn, epoch uint64) error {
 	if n.role != RoleAlone || n.session != nil {
 		return fmt.Errorf("ft: a %v cannot follow a primary", n.role)
 	}
-	s := &session{conn: conn, goLive: make(chan struct{}), done: make(chan struct{})}
+	s := &session{conn: conn, goLive: make(chan struct{})}
 	rep, err := NewFollowingReplayer(conn.LogReader(), 5*time.Millisecond, s.goLive)
 	if err != nil {
 		return err
@@ -536,7 +535,6 @@ func (p *pairSink) Write(b []byte) (int, error) {
 // arbiter whether this node goes on alone.
 func (n *Node) watchBackup(s *session) {
 	<-s.conn.Dead()
-	defer close(s.done)
 	err := s.conn.Err()
 	n.mu.Lock()
 	stopping := n.role != RolePrimary || n.session != s
@@ -602,7 +600,6 @@ func (n *Node) claimNext() bool {
 // arbiter whether this node goes live.
 func (n *Node) watchPrimary(s *session) {
 	<-s.conn.Dead()
-	defer close(s.done)
 	err := s.conn.Err()
 	n.mu.Lock()
 	ended := n.followEnd || n.role != RoleBackup || n.session != s

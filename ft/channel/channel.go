@@ -147,7 +147,7 @@ type Conn struct {
 	flights              []flight
 	// Backup: log received and not yet read, and the totals.
 	in               []byte
-	received, read   int64
+	received         int64
 	appliedLocal     int64 // what SetApplied last said
 	ackedApplied     int64 // applied as last sent
 	arrived, changed chan struct{}
@@ -195,7 +195,7 @@ func Establish(nc net.Conn, cfg Config) (*Conn, error) {
 		changed: make(chan struct{}), control: make(chan []byte, 16), dead: make(chan struct{})}
 	nc.SetDeadline(time.Now().Add(cfg.HandshakeTimeout))
 	c.br = bufio.NewReader(nc)
-	if err := c.handshake(c.br); err != nil {
+	if err := c.handshake(); err != nil {
 		nc.Close()
 		return nil, err
 	}
@@ -222,7 +222,7 @@ func Handshake(nc net.Conn, cfg Config) (*Conn, error) {
 func (c *Conn) Start() {
 	c.startOnce.Do(func() {
 		c.lastSend.Store(time.Now().UnixNano())
-		go c.readLoop(c.br)
+		go c.readLoop()
 		go c.heartbeat()
 	})
 }
@@ -253,8 +253,8 @@ func (c *Conn) refuse(why string) error {
 }
 
 // expect reads the next handshake frame, which must be of type want.
-func (c *Conn) expect(br *bufio.Reader, want byte, what string) ([]byte, error) {
-	typ, p, err := readFrame(br)
+func (c *Conn) expect(want byte, what string) ([]byte, error) {
+	typ, p, err := readFrame(c.br)
 	if err != nil {
 		return nil, fmt.Errorf("channel: handshake: waiting for the peer's %s: %w", what, err)
 	}
@@ -267,7 +267,7 @@ func (c *Conn) expect(br *bufio.Reader, want byte, what string) ([]byte, error) 
 	return p, nil
 }
 
-func (c *Conn) handshake(br *bufio.Reader) error {
+func (c *Conn) handshake() error {
 	var nonce [32]byte
 	if _, err := rand.Read(nonce[:]); err != nil {
 		return err
@@ -279,7 +279,7 @@ func (c *Conn) handshake(br *bufio.Reader) error {
 	if err := c.writeFrame(mHello, hello); err != nil {
 		return fmt.Errorf("channel: handshake: %w", err)
 	}
-	p, err := c.expect(br, mHello, "hello")
+	p, err := c.expect(mHello, "hello")
 	if err != nil {
 		return err
 	}
@@ -300,7 +300,7 @@ func (c *Conn) handshake(br *bufio.Reader) error {
 	if err := c.writeFrame(mProof, proof(c.cfg.Key, c.cfg.Role, peerNonce, nonce[:])); err != nil {
 		return fmt.Errorf("channel: handshake: %w", err)
 	}
-	p, err = c.expect(br, mProof, "proof of the key")
+	p, err = c.expect(mProof, "proof of the key")
 	if err != nil {
 		return err
 	}
@@ -311,7 +311,7 @@ func (c *Conn) handshake(br *bufio.Reader) error {
 	if err := c.writeFrame(mCompat, c.cfg.Compat); err != nil {
 		return fmt.Errorf("channel: handshake: %w", err)
 	}
-	if c.peer, err = c.expect(br, mCompat, "compatibility record"); err != nil {
+	if c.peer, err = c.expect(mCompat, "compatibility record"); err != nil {
 		return err
 	}
 	if c.cfg.Check != nil {
@@ -322,7 +322,7 @@ func (c *Conn) handshake(br *bufio.Reader) error {
 	if err := c.writeFrame(mAccept, nil); err != nil {
 		return fmt.Errorf("channel: handshake: %w", err)
 	}
-	_, err = c.expect(br, mAccept, "acceptance")
+	_, err = c.expect(mAccept, "acceptance")
 	return err
 }
 
@@ -432,10 +432,10 @@ func (c *Conn) Close(why string) error {
 // Abort closes the connection without a word, as a crash would (tests).
 func (c *Conn) Abort() { c.fail(errors.New("channel aborted here")) }
 
-func (c *Conn) readLoop(br *bufio.Reader) {
+func (c *Conn) readLoop() {
 	for {
 		c.nc.SetReadDeadline(time.Now().Add(c.cfg.Timeout))
-		typ, p, err := readFrame(br)
+		typ, p, err := readFrame(c.br)
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
@@ -705,7 +705,6 @@ func (r *LogReader) Read(p []byte) (int, error) {
 	if len(c.in) == 0 {
 		c.in = nil // let the arrived bytes go
 	}
-	c.read += int64(n)
 	return n, nil
 }
 
