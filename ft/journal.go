@@ -176,6 +176,15 @@ func (e *DivergenceError) Error() string {
 	return fmt.Sprintf("replay diverged at %v: %s (the log has %s next)", e.At, e.Detail, e.Want)
 }
 
+// IsDivergence reports whether err says a replay left the recorded
+// execution: an entry that does not match (DivergenceError) or a sync
+// point whose state differs (machine.SyncMismatchError).
+func IsDivergence(err error) bool {
+	var de *DivergenceError
+	var se *machine.SyncMismatchError
+	return errors.As(err, &de) || errors.As(err, &se)
+}
+
 // Replayer is a machine.Journal that feeds a machine what a Recorder
 // logged, at the same positions, and reports the first divergence.
 type Replayer struct {

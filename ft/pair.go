@@ -72,17 +72,11 @@ func (s *Switch) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
 // DeviceInput forwards to the current journal, or reads live if it does
 // not carry device input.
 func (s *Switch) DeviceInput(p machine.Position, name string, live func() ([]byte, error)) ([]byte, error) {
-	if d, ok := s.get().(machine.DeviceInputJournal); ok {
-		return d.DeviceInput(p, name, live)
-	}
-	return live()
+	return machine.JournalDeviceInput(s.get(), p, name, live)
 }
 
 // SyncPoints forwards to the current journal (true unless it says no).
-func (s *Switch) SyncPoints() bool {
-	sp, ok := s.get().(machine.SyncPointer)
-	return !ok || sp.SyncPoints()
-}
+func (s *Switch) SyncPoints() bool { return machine.WantsSyncPoints(s.get()) }
 
 // Unlogged is the journal of a VM that runs alone: the live world comes
 // in at deterministic exits and nothing is written down.
@@ -778,9 +772,7 @@ func (f *follower) check(err error) (machine.Journal, error) {
 // diverged: the replay left the primary's execution. Such a backup must
 // never go live; it tells the primary and stops.
 func (f *follower) diverged(err error) {
-	var de *DivergenceError
-	var se *machine.SyncMismatchError
-	if !errors.As(err, &de) && !errors.As(err, &se) {
+	if !IsDivergence(err) {
 		return
 	}
 	f.n.mu.Lock()

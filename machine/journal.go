@@ -247,6 +247,15 @@ type DeviceInputJournal interface {
 	DeviceInput(p Position, name string, live func() ([]byte, error)) ([]byte, error)
 }
 
+// JournalDeviceInput is device input at p through journal j when it
+// carries device input (a DeviceInputJournal), else live.
+func JournalDeviceInput(j Journal, p Position, name string, live func() ([]byte, error)) ([]byte, error) {
+	if d, ok := j.(DeviceInputJournal); ok {
+		return d.DeviceInput(p, name, live)
+	}
+	return live()
+}
+
 // DeviceReadError is a device input that failed in the recording: the
 // replay fails the same read the same way.
 type DeviceReadError struct{ Msg string }
@@ -259,12 +268,8 @@ func (e *DeviceReadError) Error() string { return e.Msg + " (as in the recording
 // to the guest; a journal's own failure (a divergence, a broken log) also
 // stops the machine after this exit.
 func (m *Machine) DeviceInput(name string, live func() ([]byte, error)) ([]byte, error) {
-	j, ok := m.journal.(DeviceInputJournal)
-	if !ok {
-		return live()
-	}
 	var liveErr error
-	data, err := j.DeviceInput(Position{Exits: m.exits + 1}, name, func() ([]byte, error) {
+	data, err := JournalDeviceInput(m.journal, Position{Exits: m.exits + 1}, name, func() ([]byte, error) {
 		d, err := live()
 		liveErr = err
 		return d, err

@@ -739,11 +739,15 @@ type SyncPointer interface {
 	SyncPoints() bool
 }
 
-// journalSyncs reports whether the journal wants sync points now.
-func (m *Machine) journalSyncs() bool {
-	sp, ok := m.journal.(SyncPointer)
+// WantsSyncPoints reports whether journal j wants sync points now: one
+// that is not a SyncPointer always does.
+func WantsSyncPoints(j Journal) bool {
+	sp, ok := j.(SyncPointer)
 	return !ok || sp.SyncPoints()
 }
+
+// journalSyncs reports whether the machine's journal wants sync points now.
+func (m *Machine) journalSyncs() bool { return WantsSyncPoints(m.journal) }
 
 // syncCheck is the digest check at a deterministic exit: a recorder logs
 // one every DigestEvery, a replayer checks the one logged here.

@@ -320,9 +320,7 @@ func runPair(o *options, stdin *os.File, stdout, stderr io.Writer, log *slog.Log
 		if m != nil {
 			m.Close()
 		}
-		var de *ft.DivergenceError
-		var se *machine.SyncMismatchError
-		if o.pair.backup != "" && (errors.As(err, &de) || errors.As(err, &se)) && resyncs < maxResyncs && ctx.Err() == nil {
+		if o.pair.backup != "" && ft.IsDivergence(err) && resyncs < maxResyncs && ctx.Err() == nil {
 			// A diverged backup never goes live with a state the world
 			// has not seen: it starts again from the primary's.
 			log.Warn("the backup diverged: resynchronizing by state transfer", "err", err, "resync", resyncs+1)
