@@ -170,21 +170,27 @@ type pairVMM struct {
 	createdDisk string
 }
 
-func (p *pairVMM) channelConfig(role channel.Role, epoch uint64) channel.Config {
+// channelConfig is the channel's configuration for this VMM in role; once
+// the handshake has checked the peer's compatibility record, it is in
+// *peer.
+func (p *pairVMM) channelConfig(role channel.Role, epoch uint64) (channel.Config, *pairCompat) {
 	hb := min(max(p.o.pair.peerTimeout/10, 5*time.Millisecond), 50*time.Millisecond)
 	compat := p.o.compat(p.name, epoch)
 	raw, _ := json.Marshal(compat)
+	peer := &pairCompat{}
 	return channel.Config{
 		Key: p.key, Role: role, Compat: raw, Heartbeat: hb, Timeout: p.o.pair.peerTimeout, MaxLag: p.o.pair.maxLag,
 		Logger: p.log,
-		Check: func(peer []byte) error {
-			var pc pairCompat
-			if err := json.Unmarshal(peer, &pc); err != nil {
+		Check: func(rec []byte) error {
+			if err := json.Unmarshal(rec, peer); err != nil {
 				return fmt.Errorf("the peer's compatibility record: %v", err)
 			}
-			return compat.check(pc)
+			if role == channel.Backup && peer.Epoch == 0 {
+				return errors.New("the primary's compatibility record has no arbiter epoch")
+			}
+			return compat.check(*peer)
 		},
-	}
+	}, peer
 }
 
 // machineConfig is the configuration of a pair's machine: a Switch journal
@@ -239,8 +245,7 @@ func (p *pairVMM) onLive() {
 	go p.serveBackups(ln)
 }
 
-// goLive lets the tap's frames in and announces the guest's addresses: a
-// few times, since a switch may miss the first frames while links settle.
+// goLive lets the tap's frames in and announces the guest's addresses.
 func (p *pairVMM) goLive() {
 	if p.devs == nil || p.devs.net == nil {
 		return
@@ -249,7 +254,8 @@ func (p *pairVMM) goLive() {
 	p.announce()
 }
 
-// announce sends gratuitous ARP, RARP and unsolicited NA for the guest.
+// announce sends gratuitous ARP, RARP and unsolicited NA for the guest: a
+// few times, since a switch may miss the first frames while links settle.
 func (p *pairVMM) announce() {
 	addrs := append(p.learn.Addrs(), p.o.pair.guestIPs...)
 	frames, err := announce.Frames(p.o.net.mac, addrs)
@@ -426,11 +432,7 @@ func (p *pairVMM) serveBackups(ln net.Listener) {
 
 func (p *pairVMM) acceptBackup(nc net.Conn) {
 	log := p.log.With("peer", nc.RemoteAddr().String())
-	if st := p.node.Status(); st.Role != ft.RoleAlone {
-		// Refused in the handshake below, with the reason.
-		log.Info("a second backup knocks", "role", st.Role)
-	}
-	cfg := p.channelConfig(channel.Primary, p.node.Epoch())
+	cfg, peer := p.channelConfig(channel.Primary, p.node.Epoch())
 	check := cfg.Check
 	cfg.Check = func(peer []byte) error {
 		if st := p.node.Status(); st.Role != ft.RoleAlone {
@@ -443,8 +445,6 @@ func (p *pairVMM) acceptBackup(nc net.Conn) {
 		log.Warn("backup refused", "err", err)
 		return
 	}
-	var peer pairCompat
-	json.Unmarshal(conn.Peer(), &peer) // checked in the handshake
 	log.Info("backup authenticated: copying the guest to it", "with the disk", peer.DiskWanted)
 	start := time.Now()
 	res, err := p.node.AcceptBackup(conn, p.runner, migrate.SendOptions{
@@ -468,12 +468,14 @@ func (p *pairVMM) join(ctx context.Context, sw *ft.Switch, cfg machine.Config) (
 	addr := o.pair.backup
 	deadline := time.Now().Add(o.pair.joinTimeout)
 	var conn *channel.Conn
+	var pc *pairCompat // the primary's record
 	for {
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		c, err := channel.Dial(dctx, addr, p.channelConfig(channel.Backup, 0))
+		ccfg, peer := p.channelConfig(channel.Backup, 0)
+		c, err := channel.Dial(dctx, addr, ccfg)
 		cancel()
 		if err == nil {
-			conn = c
+			conn, pc = c, peer
 			break
 		}
 		if errors.Is(err, channel.ErrRefused) || ctx.Err() != nil || time.Now().After(deadline) {
@@ -484,11 +486,6 @@ func (p *pairVMM) join(ctx context.Context, sw *ft.Switch, cfg machine.Config) (
 		case <-time.After(500 * time.Millisecond):
 		case <-ctx.Done():
 		}
-	}
-	var pc pairCompat
-	if err := json.Unmarshal(conn.Peer(), &pc); err != nil || pc.Epoch == 0 {
-		conn.Close("bad compatibility record")
-		return nil, fmt.Errorf("-backup %s: the primary's record has no epoch (%v)", addr, err)
 	}
 	p.log.Info("primary authenticated: receiving the guest", "primary", pc.Name, "epoch", pc.Epoch)
 	start := time.Now()
