@@ -349,8 +349,16 @@ func sendDisk(enc *snapshot.Encoder, d DiskSource, blocks []uint64, seq *int) er
 	return nil
 }
 
-// receiveDisk writes a disk-data section into the image its name says.
-func receiveDisk(data []byte, copied []CopiedDisk, path func(string) string) error {
+// diskWriter writes the disk-data sections of a transfer into the images
+// they name, each opened once.
+type diskWriter struct {
+	copied []CopiedDisk
+	path   func(string) string
+	files  map[string]*os.File
+}
+
+// write writes one disk-data section.
+func (w *diskWriter) write(data []byte) error {
 	if len(data) < 1 || len(data) < 1+int(data[0])+8 {
 		return errors.New("a short disk-data section")
 	}
@@ -358,7 +366,7 @@ func receiveDisk(data []byte, copied []CopiedDisk, path func(string) string) err
 	off := int64(binary.BigEndian.Uint64(data[1+len(name):]))
 	body := data[1+len(name)+8:]
 	var size int64 = -1
-	for _, c := range copied {
+	for _, c := range w.copied {
 		if c.Name == name {
 			size = c.Size
 		}
@@ -369,22 +377,40 @@ func receiveDisk(data []byte, copied []CopiedDisk, path func(string) string) err
 	if off < 0 || off > size || int64(len(body)) > size-off {
 		return fmt.Errorf("disk %s: data at %d+%d, past its %d bytes", name, off, len(body), size)
 	}
-	p := ""
-	if path != nil {
-		p = path(name)
+	f := w.files[name]
+	if f == nil {
+		p := ""
+		if w.path != nil {
+			p = w.path(name)
+		}
+		if p == "" {
+			return fmt.Errorf("disk %s: this side has no image for it", name)
+		}
+		var err error
+		if f, err = os.OpenFile(p, os.O_WRONLY, 0); err != nil {
+			return fmt.Errorf("disk %s: %w", name, err)
+		}
+		if w.files == nil {
+			w.files = map[string]*os.File{}
+		}
+		w.files[name] = f
 	}
-	if p == "" {
-		return fmt.Errorf("disk %s: this side has no image for it", name)
-	}
-	f, err := os.OpenFile(p, os.O_WRONLY, 0)
-	if err != nil {
-		return fmt.Errorf("disk %s: %w", name, err)
-	}
-	defer f.Close()
 	if _, err := f.WriteAt(body, off); err != nil {
 		return fmt.Errorf("disk %s: %w", name, err)
 	}
 	return nil
+}
+
+// close closes the images; the first error counts.
+func (w *diskWriter) close() error {
+	var first error
+	for name, f := range w.files {
+		if err := f.Close(); err != nil && first == nil {
+			first = fmt.Errorf("disk %s: %w", name, err)
+		}
+	}
+	w.files = nil
+	return first
 }
 
 func readReply(conn io.ReadWriter, br *bufio.Reader, timeout time.Duration) (reply, error) {
@@ -480,6 +506,8 @@ func Receive(conn io.ReadWriter, o ReceiveOptions) (m *machine.Machine, res Resu
 		return refuse(err)
 	}
 	var st *machine.State
+	copies := &diskWriter{copied: mf.CopiedDisks, path: o.DiskPath}
+	defer copies.close()
 	round := 0
 	for done := false; !done; {
 		t := time.Now()
@@ -493,13 +521,18 @@ func Receive(conn io.ReadWriter, o ReceiveOptions) (m *machine.Machine, res Resu
 			round++
 		case snapshot.SectionRecord:
 			if strings.HasPrefix(rec.Name, sectionDiskData) {
-				if err := receiveDisk(rec.Data, mf.CopiedDisks, o.DiskPath); err != nil {
+				if err := copies.write(rec.Data); err != nil {
 					return refuse(err)
 				}
 				break
 			}
 			switch rec.Name {
 			case sectionDisks:
+				// Copied images are complete: close them before they are
+				// compared with the source's.
+				if err := copies.close(); err != nil {
+					return refuse(err)
+				}
 				var disks []Disk
 				if err := unmarshal(rec.Name, rec.Data, &disks); err != nil {
 					return refuse(err)
