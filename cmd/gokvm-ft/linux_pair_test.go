@@ -97,7 +97,13 @@ func (p *pairLab) pairFlags(name, tap string) []string {
 // startPrimary restores the guest as the pair's primary on tap gkA.
 func (p *pairLab) startPrimary(t *testing.T, addr string, extra ...string) (*vmm, int) {
 	t.Helper()
-	args := append([]string{"-restore", p.snap, "-disk", p.disk(t, "A"), "-primary", addr}, extra...)
+	return p.startPrimaryDisk(t, addr, p.disk(t, "A"), extra...)
+}
+
+// startPrimaryDisk is startPrimary with the primary's -disk path.
+func (p *pairLab) startPrimaryDisk(t *testing.T, addr, disk string, extra ...string) (*vmm, int) {
+	t.Helper()
+	args := append([]string{"-restore", p.snap, "-disk", disk, "-primary", addr}, extra...)
 	v := startVMM(t, p.net, append(args, p.pairFlags("A", "gkA")...)...)
 	v.waitLog(t, "running unprotected", 2*time.Minute)
 	if _, err := fmt.Fprintf(v.stdin, "echo restored-$((6*7))\n"); err != nil {
@@ -550,11 +556,9 @@ func TestLinuxPairSharedDisk(t *testing.T) {
 	p := newPairLab(t)
 	const addr = "127.0.0.1:7940"
 	shared := p.disk(t, "shared")
-	a := startVMM(t, p.net, append([]string{"-restore", p.snap, "-disk", shared, "-disk-shared", "-primary", addr}, p.pairFlags("A", "gkA")...)...)
-	a.waitLog(t, "running unprotected", 2*time.Minute)
+	a, pos := p.startPrimaryDisk(t, addr, shared, "-disk-shared")
 	b := p.startBackupDisk(t, addr, "B", "gkB", shared, "-disk-shared")
-	pos := a.shell(t, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo shared-$((6*7)) > /mnt/f && sync && umount /mnt && echo WROTE-$((0+1))", "WROTE-1", 0)
-	_ = pos
+	a.shell(t, "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo shared-$((6*7)) > /mnt/f && sync && umount /mnt && echo WROTE-$((0+1))", "WROTE-1", pos)
 	a.cmd.Process.Kill()
 	<-a.done
 	b.waitLog(t, "live: the backup took over", time.Minute)
