@@ -100,6 +100,12 @@ type syncRun struct {
 
 // recordSync records p with sync points (and deltas if asked).
 func recordSync(t *testing.T, p *tinyguest.Program, kernel, deltas bool) syncRun {
+	return recordSyncWith(t, p, kernel, deltas, nil)
+}
+
+// recordSyncWith is recordSync with setup, if set, run on the machine
+// before the recording starts.
+func recordSyncWith(t *testing.T, p *tinyguest.Program, kernel, deltas bool, setup func(*machine.Machine)) syncRun {
 	t.Helper()
 	var log bytes.Buffer
 	rec, err := ft.NewRecorder(&log, nil)
@@ -107,6 +113,9 @@ func recordSync(t *testing.T, p *tinyguest.Program, kernel, deltas bool) syncRun
 		t.Fatal(err)
 	}
 	m := newDeltaMachine(t, p, deltaConfig(rec, deltas), kernel)
+	if setup != nil {
+		setup(m)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	start := time.Now()
@@ -131,6 +140,12 @@ func recordSync(t *testing.T, p *tinyguest.Program, kernel, deltas bool) syncRun
 // replaySync replays a log with sync points; corrupt, if set, runs on the
 // vCPU thread after the replay's 20th deterministic exit.
 func replaySync(t *testing.T, p *tinyguest.Program, kernel bool, log []byte, corrupt func(*machine.Machine)) (syncRun, error) {
+	return replaySyncWith(t, p, kernel, log, corrupt, nil)
+}
+
+// replaySyncWith is replaySync with setup, if set, run on the machine
+// before the replay starts.
+func replaySyncWith(t *testing.T, p *tinyguest.Program, kernel bool, log []byte, corrupt, setup func(*machine.Machine)) (syncRun, error) {
 	t.Helper()
 	rep, err := ft.NewReplayer(bytes.NewReader(log))
 	if err != nil {
@@ -146,6 +161,9 @@ func replaySync(t *testing.T, p *tinyguest.Program, kernel bool, log []byte, cor
 		}
 	}
 	m = newDeltaMachine(t, p, cfg, kernel)
+	if setup != nil {
+		setup(m)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	start := time.Now()

@@ -421,8 +421,9 @@ func (r *Replayer) Sync(*machine.SyncPoint) error {
 }
 
 // NextSync returns the sync point logged next if it is of the kind asked
-// for and after exit n, and consumes it.
-func (r *Replayer) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
+// for (async: a state delta or a branch point; else a digest check) and
+// after exit n, and consumes it.
+func (r *Replayer) NextSync(n uint64, async bool) (*machine.SyncPoint, error) {
 	e, err := r.peekAt(n)
 	if err != nil || e == nil || e.Kind != ftlog.StateDelta || e.Pos.Exits != n {
 		return nil, err
@@ -431,7 +432,7 @@ func (r *Replayer) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
 	if err := sp.UnmarshalBinary(e.Data); err != nil {
 		return nil, fmt.Errorf("replay log: %s: %w", describe(e), err)
 	}
-	if sp.Delta != delta {
+	if (sp.Delta || sp.Branch) != async {
 		return nil, nil
 	}
 	r.take()

@@ -65,8 +65,8 @@ func (s *Switch) Live() bool { return s.get().Live() }
 func (s *Switch) Sync(sp *machine.SyncPoint) error { return s.get().Sync(sp) }
 
 // NextSync forwards to the current journal.
-func (s *Switch) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
-	return s.get().NextSync(n, delta)
+func (s *Switch) NextSync(n uint64, async bool) (*machine.SyncPoint, error) {
+	return s.get().NextSync(n, async)
 }
 
 // DeviceInput forwards to the current journal, or reads live if it does
@@ -861,9 +861,9 @@ func (f *follower) Sync(sp *machine.SyncPoint) error {
 	return f.live.Sync(sp)
 }
 
-func (f *follower) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
+func (f *follower) NextSync(n uint64, async bool) (*machine.SyncPoint, error) {
 	if f.live == nil {
-		sp, err := f.rep.NextSync(n, delta)
+		sp, err := f.rep.NextSync(n, async)
 		if err == nil {
 			return sp, nil
 		}
@@ -872,7 +872,7 @@ func (f *follower) NextSync(n uint64, delta bool) (*machine.SyncPoint, error) {
 		}
 		return nil, nil
 	}
-	return f.live.NextSync(n, delta)
+	return f.live.NextSync(n, async)
 }
 
 // Run runs the node's machine until its guest stops, this node stops (lost

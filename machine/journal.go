@@ -65,10 +65,10 @@ type Journal interface {
 	Live() bool
 	// Sync logs a sync point (a recorder; see SyncPoint).
 	Sync(sp *SyncPoint) error
-	// NextSync returns the sync point the log has next, if it is a delta
-	// (delta) or a check (!delta) after exit n, and consumes it; else nil.
-	// A recorder returns nil.
-	NextSync(n uint64, delta bool) (*SyncPoint, error)
+	// NextSync returns the sync point the log has next, if it is
+	// asynchronous (async: a delta or a branch point) or a check (!async)
+	// after exit n, and consumes it; else nil. A recorder returns nil.
+	NextSync(n uint64, async bool) (*SyncPoint, error)
 }
 
 // ErrLogEnd is a replay journal's answer at the log's last position: the

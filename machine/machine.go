@@ -195,6 +195,12 @@ type Machine struct {
 	// restoredReady: ReadyForInterrupt of the restored state, for the
 	// first injection decision (hasRestoredReady).
 	restoredReady, hasRestoredReady bool
+
+	// positions, if set, places asynchronous events exactly (see
+	// PositionSource); branchBase is its count at the last deterministic
+	// exit.
+	positions  PositionSource
+	branchBase uint64
 	// journalErr: a journal failed inside an exit (DeviceInput); the run
 	// ends with it after the exit.
 	journalErr error
@@ -508,6 +514,11 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		}
 		defer m.disarmDelta()
 	}
+	stopPositions, err := m.startPositions()
+	if err != nil {
+		return Stop{}, err
+	}
+	defer stopPositions()
 	recordDeltas := m.sync != nil && j.Live() && m.cfg.DeltaAfter > 0 && m.journalSyncs()
 	for {
 		if m.stop != nil {
@@ -545,13 +556,20 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 				vector = v
 				if m.sync != nil && !j.Live() && m.stop == nil {
 					// A replay takes a state delta logged here instead of
-					// running the guest to where the recording took it.
+					// running the guest to where the recording took it,
+					// or runs it to a branch point logged here.
 					sp, err := j.NextSync(pos.Exits, true)
 					if err != nil {
 						return Stop{}, fmt.Errorf("at %v: %w", pos, err)
 					}
 					if sp != nil {
-						if err := m.applyDelta(sp); err != nil {
+						// A branch point is reached by running the guest
+						// there; a delta replaces the run.
+						apply := m.applyDelta
+						if sp.Branch {
+							apply = m.seekBranchPoint
+						}
+						if err := apply(sp); err != nil {
 							return Stop{}, err
 						}
 						if vector >= 0 {
@@ -687,6 +705,9 @@ func (m *Machine) Run(ctx context.Context) (Stop, error) {
 		}
 		if j != nil && m.stop == nil {
 			pos = Position{Exits: m.exits, RIP: ex.RIP}
+			if err := m.markExit(); err != nil {
+				return Stop{}, err
+			}
 			if m.sync != nil && m.sync.window {
 				// A delta waiting for a window: this exit delivers instead.
 				m.sync.window = false
@@ -779,9 +800,9 @@ func (m *Machine) syncCheck(pos Position) error {
 
 // recordDelta is a recorder's delta point, after a delta kick or the
 // interrupt window it asked for: if the guest can take an interrupt here,
-// the state delta goes into the log and the inputs due are delivered at
-// the delta's position (returned, for the injection); if not, it asks for
-// an interrupt window and reports no delta.
+// the state delta (with a position source: a branch point) goes into the
+// log and the inputs due are delivered at its position (returned, for the
+// injection); if not, it asks for an interrupt window and reports none.
 func (m *Machine) recordDelta(ctx context.Context) (bool, Position, error) {
 	s := m.sync
 	ready, err := m.deltaReady()
@@ -800,15 +821,24 @@ func (m *Machine) recordDelta(ctx context.Context) (bool, Position, error) {
 		return false, Position{}, err
 	}
 	p := Position{Exits: m.exits, RIP: regs.RIP}
-	sp, err := m.takeSyncPoint(p, true)
+	var sp *SyncPoint
+	if m.positions != nil {
+		sp, err = m.takeBranchPoint(p)
+	} else {
+		sp, err = m.takeSyncPoint(p, true)
+	}
 	if err != nil {
 		return false, Position{}, err
 	}
 	if err := m.journal.Sync(sp); err != nil {
 		return false, Position{}, err
 	}
-	s.deltas++
-	s.deltaBytes += uint64(len(sp.Data))
+	if sp.Branch {
+		s.branchPoints++
+	} else {
+		s.deltas++
+		s.deltaBytes += uint64(len(sp.Data))
+	}
 	s.atDelta = true
 	if err := m.journalPointAt(ctx, p, false); err != nil {
 		return false, Position{}, err

@@ -29,8 +29,9 @@ type ExitStats struct {
 	IRQWaitMax   time.Duration
 	// Sync points under a journal with Config.SyncPoints: state deltas
 	// taken (recording) or applied (replay), the bytes of page data they
-	// carried, and digest checks.
-	Deltas, DeltaBytes, SyncChecks uint64
+	// carried, and digest checks; with a position source, branch points
+	// taken or reached instead of deltas.
+	Deltas, DeltaBytes, SyncChecks, BranchPoints uint64
 }
 
 type statKey struct {
@@ -67,7 +68,7 @@ func newExitStats() ExitStats {
 func (m *Machine) Stats() ExitStats {
 	s := m.stats
 	if m.sync != nil {
-		s.Deltas, s.DeltaBytes, s.SyncChecks = m.sync.deltas, m.sync.deltaBytes, m.sync.checks
+		s.Deltas, s.DeltaBytes, s.SyncChecks, s.BranchPoints = m.sync.deltas, m.sync.deltaBytes, m.sync.checks, m.sync.branchPoints
 	}
 	s.ByReason = make(map[kvm.ExitReason]uint64, len(m.stats.ByReason))
 	for k, v := range m.stats.ByReason {
@@ -90,8 +91,8 @@ func (s ExitStats) Write(w io.Writer) {
 	fmt.Fprintf(w, "exits: %d guest-caused, %d host (kicks), %d interrupts injected\n", total, s.HostExits, s.Injections)
 	fmt.Fprintf(w, "time: %.1fs wall, %.1fs in KVM_RUN, %.1fs halted, %.1fs in the VMM\n",
 		wall.Seconds(), s.InGuest.Seconds(), s.Halted.Seconds(), (wall - s.InGuest - s.Halted).Seconds())
-	if s.Deltas+s.SyncChecks > 0 {
-		fmt.Fprintf(w, "sync points (journal): %d state deltas (%d KiB of pages), %d digest checks\n", s.Deltas, s.DeltaBytes>>10, s.SyncChecks)
+	if s.Deltas+s.SyncChecks+s.BranchPoints > 0 {
+		fmt.Fprintf(w, "sync points (journal): %d state deltas (%d KiB of pages), %d branch points, %d digest checks\n", s.Deltas, s.DeltaBytes>>10, s.BranchPoints, s.SyncChecks)
 	}
 	if s.IRQWaits > 0 {
 		fmt.Fprintf(w, "interrupt waits (journal): %d, mean %v, max %v\n", s.IRQWaits, s.IRQWaitTotal/time.Duration(s.IRQWaits), s.IRQWaitMax)

@@ -42,8 +42,14 @@ import (
 type SyncPoint struct {
 	Pos Position
 	// Delta says this is a state delta; otherwise a digest check at a
-	// deterministic exit.
+	// deterministic exit, or at a branch point.
 	Delta bool
+	// Branch says this check is a branch point: an asynchronous position
+	// a PositionSource counted, Branches retired conditional branches
+	// after the deterministic exit Pos.Exits, at Pos.RIP with Regs.RCX in
+	// RCX. The replay runs the guest there instead of taking a delta.
+	Branch   bool
+	Branches uint64
 	// Digest covers the general and control registers and the memory sum
 	// (after the delta is applied).
 	Digest [32]byte
@@ -76,6 +82,13 @@ func (e *SyncMismatchError) Error() string {
 
 const syncHeaderLen = 1 + 32 + 16 + 8 + 2
 
+// The kinds of sync point, the encoding's first byte.
+const (
+	syncCheck  = 0
+	syncDelta  = 1
+	syncBranch = 2
+)
+
 // regsLen is the encoded size of kvm.Regs.
 const regsLen = 18 * 8
 
@@ -85,10 +98,15 @@ const maxRegions = 64
 // MarshalBinary encodes s (without its position, which the log entry has).
 func (s *SyncPoint) MarshalBinary() ([]byte, error) {
 	b := make([]byte, 0, syncHeaderLen+len(s.Data)+8*len(s.Pages)+8<<10)
-	if s.Delta {
-		b = append(b, 1)
-	} else {
-		b = append(b, 0)
+	switch {
+	case s.Delta && s.Branch:
+		return nil, errors.New("sync point: a state delta cannot be a branch point")
+	case s.Delta:
+		b = append(b, syncDelta)
+	case s.Branch:
+		b = append(b, syncBranch)
+	default:
+		b = append(b, syncCheck)
 	}
 	b = append(b, s.Digest[:]...)
 	b = binary.LittleEndian.AppendUint64(b, s.MemBefore[0])
@@ -102,7 +120,11 @@ func (s *SyncPoint) MarshalBinary() ([]byte, error) {
 		b = binary.LittleEndian.AppendUint64(b, r)
 	}
 	if !s.Delta {
-		return binary.Append(b, binary.LittleEndian, s.Regs)
+		b, err := binary.Append(b, binary.LittleEndian, s.Regs)
+		if s.Branch {
+			b = binary.LittleEndian.AppendUint64(b, s.Branches)
+		}
+		return b, err
 	}
 	if s.VCPU == nil || len(s.Data) != len(s.Pages)*PageSize {
 		return nil, errors.New("sync point: a delta needs the vCPU state and PageSize bytes per page")
@@ -142,10 +164,10 @@ const zeroPageFlag = 1 << 63
 // the machine when the delta is applied.
 func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 	bad := func(what string) error { return fmt.Errorf("sync point: %s", what) }
-	if len(b) < syncHeaderLen || b[0] > 1 {
+	if len(b) < syncHeaderLen || b[0] > syncBranch {
 		return bad("truncated or unknown kind")
 	}
-	s.Delta = b[0] == 1
+	s.Delta, s.Branch, s.Branches = b[0] == syncDelta, b[0] == syncBranch, 0
 	copy(s.Digest[:], b[1:33])
 	s.MemBefore = [2]uint64{binary.LittleEndian.Uint64(b[33:]), binary.LittleEndian.Uint64(b[41:])}
 	s.Devices = binary.LittleEndian.Uint64(b[49:])
@@ -161,10 +183,17 @@ func (s *SyncPoint) UnmarshalBinary(b []byte) error {
 	b = b[8*nr:]
 	s.VCPU, s.Pages, s.Data = nil, nil, nil
 	if !s.Delta {
-		if len(b) != regsLen {
+		want := regsLen
+		if s.Branch {
+			want += 8
+		}
+		if len(b) != want {
 			return bad(fmt.Sprintf("a check with %d bytes of registers", len(b)))
 		}
-		_, err := binary.Decode(b, binary.LittleEndian, &s.Regs)
+		if s.Branch {
+			s.Branches = binary.LittleEndian.Uint64(b[regsLen:])
+		}
+		_, err := binary.Decode(b[:regsLen], binary.LittleEndian, &s.Regs)
 		return err
 	}
 	if len(b) < 4 {
@@ -338,7 +367,7 @@ type syncState struct {
 	atDelta bool
 
 	// Figures (ExitStats).
-	deltas, checks, deltaBytes uint64
+	deltas, checks, deltaBytes, branchPoints uint64
 }
 
 // syncInit starts dirty tracking and hashes all of memory; on the vCPU
@@ -458,6 +487,16 @@ func (m *Machine) takeSyncPoint(p Position, delta bool) (*SyncPoint, error) {
 
 // checkSyncPoint compares the replay's state with a logged check.
 func (m *Machine) checkSyncPoint(sp *SyncPoint) error {
+	if err := m.compareSyncPoint(sp); err != nil {
+		return err
+	}
+	m.sync.checks++
+	return nil
+}
+
+// compareSyncPoint compares the replay's state with a logged check or
+// branch point.
+func (m *Machine) compareSyncPoint(sp *SyncPoint) error {
 	if _, err := m.syncDirty(); err != nil {
 		return err
 	}
@@ -478,7 +517,6 @@ func (m *Machine) checkSyncPoint(sp *SyncPoint) error {
 		}
 		return &SyncMismatchError{Pos: sp.Pos, Detail: "memory agrees, but these differ: " + strings.Join(what, "; ")}
 	}
-	m.sync.checks++
 	return nil
 }
 
@@ -490,10 +528,8 @@ func (m *Machine) applyDelta(sp *SyncPoint) error {
 	// KVM_RUN (a read's data into a register, an emulated instruction's
 	// end): done after the delta's registers are in, that would change
 	// them. The recording's guest completed it before the kick.
-	if r := m.cpu.ExitReason(); r == kvm.ExitIO || r == kvm.ExitMMIO {
-		if err := m.completeExit(); err != nil {
-			return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
-		}
+	if err := m.completePendingIO(); err != nil {
+		return fmt.Errorf("state delta at %v: %w", sp.Pos, err)
 	}
 	if _, err := m.syncDirty(); err != nil {
 		return err

@@ -19,7 +19,8 @@ func testDelta() *SyncPoint {
 }
 
 func TestSyncPointRoundTrip(t *testing.T) {
-	for _, sp := range []*SyncPoint{testDelta(), {Digest: [32]byte{1}, MemBefore: [2]uint64{3, 4}}} {
+	branch := &SyncPoint{Branch: true, Branches: 123456789, Digest: [32]byte{2}, Regs: kvm.Regs{RCX: 77}}
+	for _, sp := range []*SyncPoint{testDelta(), {Digest: [32]byte{1}, MemBefore: [2]uint64{3, 4}}, branch} {
 		b, err := sp.MarshalBinary()
 		if err != nil {
 			t.Fatal(err)
@@ -28,7 +29,7 @@ func TestSyncPointRoundTrip(t *testing.T) {
 		if err := got.UnmarshalBinary(b); err != nil {
 			t.Fatal(err)
 		}
-		if got.Delta != sp.Delta || got.Digest != sp.Digest || got.MemBefore != sp.MemBefore || !bytes.Equal(got.Data, sp.Data) || len(got.Pages) != len(sp.Pages) {
+		if got.Delta != sp.Delta || got.Branch != sp.Branch || got.Branches != sp.Branches || got.Regs != sp.Regs || got.Digest != sp.Digest || got.MemBefore != sp.MemBefore || !bytes.Equal(got.Data, sp.Data) || len(got.Pages) != len(sp.Pages) {
 			t.Fatalf("round trip: got %+v, want %+v", got, sp)
 		}
 		if sp.Delta && got.VCPU.Regs.RIP != 0x1234 {
@@ -40,6 +41,9 @@ func TestSyncPointRoundTrip(t *testing.T) {
 				t.Fatalf("%d of %d bytes decoded", n, len(b))
 			}
 		}
+	}
+	if _, err := (&SyncPoint{Delta: true, Branch: true}).MarshalBinary(); err == nil {
+		t.Error("a delta that is also a branch point encoded")
 	}
 	b, _ := testDelta().MarshalBinary()
 	if len(b) >= 2*PageSize {
@@ -55,6 +59,8 @@ func FuzzSyncPoint(f *testing.F) {
 	c, _ := (&SyncPoint{Digest: [32]byte{1}}).MarshalBinary()
 	f.Add(d)
 	f.Add(c)
+	br, _ := (&SyncPoint{Branch: true, Branches: 5}).MarshalBinary()
+	f.Add(br)
 	f.Add([]byte{1})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var sp SyncPoint
@@ -66,7 +72,7 @@ func FuzzSyncPoint(f *testing.F) {
 			t.Fatalf("decoded point does not encode: %v", err)
 		}
 		var sp2 SyncPoint
-		if err := sp2.UnmarshalBinary(again); err != nil || !bytes.Equal(sp2.Data, sp.Data) || sp2.Digest != sp.Digest {
+		if err := sp2.UnmarshalBinary(again); err != nil || !bytes.Equal(sp2.Data, sp.Data) || sp2.Digest != sp.Digest || sp2.Branch != sp.Branch || sp2.Branches != sp.Branches {
 			t.Fatalf("re-encoded point differs: %v", err)
 		}
 	})

@@ -45,6 +45,15 @@ func (m *Machine) completeExit() error {
 	return nil
 }
 
+// completePendingIO is completeExit if the last exit was a port or MMIO
+// access (a kick's needs nothing).
+func (m *Machine) completePendingIO() error {
+	if r := m.cpu.ExitReason(); r == kvm.ExitIO || r == kvm.ExitMMIO {
+		return m.completeExit()
+	}
+	return nil
+}
+
 // SaveVCPU returns the vCPU state at a consistent point. Call it only while
 // the machine is not running.
 func (m *Machine) SaveVCPU() (*VCPUState, error) {
