@@ -159,3 +159,28 @@ func TestBranchPointNeedsSource(t *testing.T) {
 	}
 	t.Logf("skewed counter caught: %v", err)
 }
+
+// TestPairBranchPoints: a protected pair whose VMMs have a position source
+// (the simulated counter): the primary's branch points travel over the
+// logging channel and the backup, following live, runs its guest to each
+// one and ends in the primary's state.
+func TestPairBranchPoints(t *testing.T) {
+	prog, err := tinyguest.Assemble(t.TempDir(), branchGuest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newPairFor(t, prog)
+	withRegSource(r.primary.M)
+	withRegSource(r.backup.M)
+	p, b := r.start(t)
+	wantExit(t, "primary", <-p)
+	res := <-b
+	if res.err != nil || (res.stop.Kind != machine.StopLogEnd && res.stop.Kind != machine.StopTestExit) {
+		t.Fatalf("backup: %v, %v", res.stop, res.err)
+	}
+	ps, bs := r.primary.M.Stats(), r.backup.M.Stats()
+	if ps.BranchPoints == 0 || ps.Deltas != 0 || bs.BranchPoints != ps.BranchPoints || bs.Deltas != 0 {
+		t.Fatalf("primary: %d branch points, %d deltas; backup: %d branch points, %d deltas", ps.BranchPoints, ps.Deltas, bs.BranchPoints, bs.Deltas)
+	}
+	t.Logf("primary took %d branch points, the backup reached them all; %d digest checks passed; %d log bytes", ps.BranchPoints, bs.SyncChecks, r.pConn.Sent())
+}

@@ -70,6 +70,12 @@ type Config struct {
 	// DigestEvery (recording with SyncPoints) is how often a digest check
 	// goes into the log at a deterministic exit; 0 means never.
 	DigestEvery time.Duration
+	// Positions, if set, makes the machine's position source (see
+	// PositionSource) for its vCPU: a recording with sync points and
+	// deltas takes branch points instead of state deltas, and a replay
+	// reaches them. A recording and its replay must both have one or both
+	// not.
+	Positions func(*kvm.VCPU) (PositionSource, error)
 	// HostCPU, when Pinned, is the host CPU the vCPU thread runs on. Where
 	// CPUID answers depend on the host CPU (the lab host reports its APIC
 	// ID in leaves 1, 0xb and 0x8000001e whatever the CPUID table says,
@@ -244,6 +250,14 @@ func New(cfg Config) (*Machine, error) {
 	if err := m.create(); err != nil {
 		m.Close()
 		return nil, err
+	}
+	if cfg.Positions != nil {
+		p, err := cfg.Positions(m.cpu)
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("position source: %w", err)
+		}
+		m.positions = p
 	}
 	return m, nil
 }

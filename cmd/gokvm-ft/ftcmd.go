@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/gokvm-ft/gokvm-ft/ft"
-	"github.com/gokvm-ft/gokvm-ft/ft/pmu"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 	"github.com/gokvm-ft/gokvm-ft/migrate"
 )
@@ -44,6 +43,9 @@ type recordedVM struct {
 	// so the replay tracks dirty pages and hashes memory as the
 	// recording did.
 	SyncPoints bool `json:",omitempty"`
+	// Positions names the position source (a branch counter makes branch
+	// points, which a replay reaches only with the same kind of counter).
+	Positions string `json:",omitempty"`
 }
 
 // recording is a `gokvm-ft record` run.
@@ -56,6 +58,7 @@ type recording struct {
 	hostCPU  machine.HostCPU
 
 	syncPoints bool
+	positions  string
 }
 
 func startRecording(o *options, cfg *machine.Config) (*recording, error) {
@@ -71,14 +74,8 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 		return nil, err
 	}
 	cfg.Journal = rec
-	// Positions are exits (and state deltas) unless the host has an exact
-	// branch counter; the PMU path is not wired into recording yet, so
-	// the probe only says what this host could do.
-	if p := pmu.ProbeHost(3); p.Usable {
-		cfg.Logger.Info("position source: deterministic exits and state deltas; this host's branch counter passed the probe, but recording does not use it yet", "probe", p.Reason)
-	} else {
-		cfg.Logger.Info("position source: deterministic exits and state deltas", "pmu", p.Reason)
-	}
+	pos := hostPositions(o.positions, cfg.Logger)
+	cfg.Positions = pos.new
 	cfg.SyncPoints = o.deltaAfter > 0 || o.digestEvery > 0
 	cfg.DeltaAfter, cfg.DigestEvery = o.deltaAfter, o.digestEvery
 	if cfg.Host == machine.HostLabPVM && !cfg.HostCPU.Pinned {
@@ -88,7 +85,7 @@ func startRecording(o *options, cfg *machine.Config) (*recording, error) {
 	}
 	// The RTC's starting time is an input: fix it so the log can carry it.
 	cfg.WallTime = time.Now().UTC().Truncate(time.Second)
-	r := &recording{o: o, f: f, rec: rec, wallTime: cfg.WallTime, hostCPU: cfg.HostCPU, syncPoints: cfg.SyncPoints}
+	r := &recording{o: o, f: f, rec: rec, wallTime: cfg.WallTime, hostCPU: cfg.HostCPU, syncPoints: cfg.SyncPoints, positions: pos.name}
 	if o.disk != "" && o.restore == "" {
 		// Replay must start from the disk as it is now, not as the
 		// recording will leave it.
@@ -110,7 +107,7 @@ func (r *recording) writeConfig(m *machine.Machine) error {
 	if r.hostCPU.Pinned {
 		vm.HostCPU = &r.hostCPU.CPU
 	}
-	vm.SyncPoints = r.syncPoints
+	vm.SyncPoints, vm.Positions = r.syncPoints, r.positions
 	if o.restore != "" {
 		vm.Restore, _ = filepath.Abs(o.restore)
 	} else {
@@ -228,6 +225,11 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 		}
 	}
 	cfg := machine.Config{MemorySize: vm.Mem, Host: host, Console: console, Logger: log, Journal: rep, WallTime: vm.WallTime, SyncPoints: vm.SyncPoints}
+	pos, err := replayPositions(vm.Positions, log)
+	if err != nil {
+		return fmt.Errorf("%s: %w", logFile, err)
+	}
+	cfg.Positions = pos.new
 	if vm.HostCPU != nil {
 		if *vm.HostCPU < 0 || *vm.HostCPU >= runtime.NumCPU() {
 			return fmt.Errorf("%s: recorded on host CPU %d, which this host does not have", logFile, *vm.HostCPU)

@@ -58,6 +58,7 @@ type options struct {
 	cmdline     string        // the exact kernel command line (replay), instead of building one
 	noTap       bool          // a virtio-net card with no tap behind it (replay)
 	hostCPU     int           // host CPU to pin the vCPU thread to, -1 for none
+	positions   string        // record, pair: -positions (auto or exits)
 	pair        pairOptions   // -primary / -backup
 }
 
@@ -114,6 +115,7 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 	restoreDir := fs.String("restore", "", "start from the snapshot in this directory instead of booting (disk: the snapshot's copy, or -disk PATH, copied there if it does not exist)")
 	incoming := fs.String("incoming", "", "wait on this TCP address (host:port) for a live transfer, then run the guest")
 	stats := fs.Bool("stats", false, "print exit statistics (exits by reason and port, time in the guest) at exit")
+	positionsMode := fs.String("positions", "auto", "record and FT pair: where asynchronous events go: auto (exactly where they fall due, counted by the host's branch counter, where a probe finds an exact one; experimental) or exits (at deterministic exits, with state deltas for guests that make none)")
 	hostCPU := fs.Int("host-cpu", -1, "pin the vCPU thread to this host CPU (-1: no pinning, except that a recording on the lab host pins to CPU 0, since its CPUID reports the host CPU)")
 	var primary, backup, serve, keyFile, arbSpec, pairName, guestIP *string
 	var peerTimeout, maxLag, joinTimeout *time.Duration
@@ -158,6 +160,9 @@ func parseFlagsFor(sub string, args []string, stderr io.Writer) (*options, error
 		if o.deltaAfter, o.digestEvery = *deltaAfter, *digestEvery; o.deltaAfter < 0 || o.digestEvery < 0 {
 			return nil, fmt.Errorf("record: -delta-after and -digest-every must not be negative")
 		}
+	}
+	if o.positions, err = parsePositionsMode(*positionsMode); err != nil {
+		return nil, err
 	}
 	if o.hostCPU < -1 || o.hostCPU >= runtime.NumCPU() {
 		return nil, fmt.Errorf("-host-cpu: %d is not a CPU of this host (0 to %d, or -1)", o.hostCPU, runtime.NumCPU()-1)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -55,6 +56,8 @@ func TestFlagsNameTheBadOne(t *testing.T) {
 		"-primary :1 -key k -arbiter file:/a -guest-ip 10.0.0.300 -net tap=t0": "-guest-ip",
 		"-primary :1 -key k -arbiter file:/a -guest-ip 10.0.0.3":               "-net",
 		"-primary :1 -key k -arbiter file:/a -incoming :2":                     "-incoming",
+		"-positions pmu":             "-positions",
+		"record -log l -positions x": "-positions",
 	} {
 		var stderr bytes.Buffer
 		if code := run(strings.Fields(args), nil, &bytes.Buffer{}, &stderr); code != exitUsage {
@@ -163,7 +166,7 @@ func TestPairKeyAndArbiterErrors(t *testing.T) {
 // The compatibility check names each difference, and refuses one image
 // file used by both VMMs.
 func TestPairCompatCheck(t *testing.T) {
-	a := pairCompat{Protocol: protocolName, Host: "lab-pvm", Position: positionSource, Memory: 256 << 20, Devices: []string{"disk", "net"}, MAC: "52:54:00:12:34:56", DiskFile: "h:1:2", Name: "A"}
+	a := pairCompat{Protocol: protocolName, Host: "lab-pvm", Position: positionsExits, Memory: 256 << 20, Devices: []string{"disk", "net"}, MAC: "52:54:00:12:34:56", DiskFile: "h:1:2", Name: "A"}
 	if err := a.check(a); err == nil || !strings.Contains(err.Error(), "same disk image file") {
 		t.Errorf("one image file for both: %v", err)
 	}
@@ -174,8 +177,38 @@ func TestPairCompatCheck(t *testing.T) {
 		t.Errorf("differences: %v", err)
 	}
 	b = a
+	b.DiskFile, b.Position = "h:1:3", positionsCounterPrefix+"(Intel Skylake) + deterministic exits"
+	if err := a.check(b); err == nil || !strings.Contains(err.Error(), "position source: "+positionsExits+" here, branch counter") {
+		t.Errorf("one side with a branch counter: %v", err)
+	}
+	b = a
 	b.DiskFile = "h:1:3"
 	if err := a.check(b); err != nil {
 		t.Errorf("compatible: %v", err)
+	}
+}
+
+// TestReplayPositions: a log recorded without a branch counter replays
+// with none; one recorded with a counter this host does not have is
+// refused with both named, before any guest runs.
+func TestReplayPositions(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	if p, err := replayPositions("", log); err != nil || p.new != nil {
+		t.Fatalf("no recorded source: %+v, %v", p, err)
+	}
+	if p, err := replayPositions(positionsExits, log); err != nil || p.new != nil {
+		t.Fatalf("exits: %+v, %v", p, err)
+	}
+	here := hostPositions("auto", log)
+	if here.new != nil {
+		t.Skipf("this host has a usable branch counter (%s)", here.name)
+	}
+	recorded := positionsCounterPrefix + "(Intel Skylake) + deterministic exits"
+	_, err := replayPositions(recorded, log)
+	if err == nil || !strings.Contains(err.Error(), "Intel Skylake") || !strings.Contains(err.Error(), positionsExits) {
+		t.Fatalf("a log from a counter this host lacks: %v", err)
+	}
+	if p := hostPositions("exits", log); p.new != nil || p.name != positionsExits {
+		t.Fatalf("-positions exits: %+v", p)
 	}
 }

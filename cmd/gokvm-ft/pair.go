@@ -69,10 +69,9 @@ type pairCompat struct {
 	Name  string
 }
 
-const positionSource = "deterministic exits + state deltas"
-
-func (o *options) compat(name string, epoch uint64) pairCompat {
-	c := pairCompat{Protocol: protocolName, Host: o.host.String(), Position: positionSource, Memory: o.mem, DiskRO: o.diskRO, Epoch: epoch, Name: name}
+// compat is this side's record; position names its position source.
+func (o *options) compat(name, position string, epoch uint64) pairCompat {
+	c := pairCompat{Protocol: protocolName, Host: o.host.String(), Position: position, Memory: o.mem, DiskRO: o.diskRO, Epoch: epoch, Name: name}
 	if o.disk != "" {
 		c.Devices = append(c.Devices, "disk")
 		c.DiskShared = o.pair.diskShared
@@ -155,16 +154,18 @@ func readKey(path string) ([]byte, error) {
 
 // pairVMM is one VMM of a pair, either role.
 type pairVMM struct {
-	o      *options
-	log    *slog.Logger
-	key    []byte
-	arb    arbiter.Arbiter
-	name   string
-	node   *ft.Node
-	runner *machine.Runner
-	devs   *devices
-	learn  *announce.Learner
-	stderr io.Writer
+	o    *options
+	log  *slog.Logger
+	key  []byte
+	arb  arbiter.Arbiter
+	name string
+	// positions: the position source both VMMs of the pair must share.
+	positions positions
+	node      *ft.Node
+	runner    *machine.Runner
+	devs      *devices
+	learn     *announce.Learner
+	stderr    io.Writer
 	// createdDisk is the disk image a join copied from the primary (a
 	// resynchronization copies it again).
 	createdDisk string
@@ -175,7 +176,7 @@ type pairVMM struct {
 // *peer.
 func (p *pairVMM) channelConfig(role channel.Role, epoch uint64) (channel.Config, *pairCompat) {
 	hb := min(max(p.o.pair.peerTimeout/10, 5*time.Millisecond), 50*time.Millisecond)
-	compat := p.o.compat(p.name, epoch)
+	compat := p.o.compat(p.name, p.positions.name, epoch)
 	raw, _ := json.Marshal(compat)
 	peer := &pairCompat{}
 	return channel.Config{
@@ -198,7 +199,7 @@ func (p *pairVMM) channelConfig(role channel.Role, epoch uint64) (channel.Config
 func (p *pairVMM) machineConfig(sw *ft.Switch, stdout io.Writer) machine.Config {
 	o := p.o
 	cfg := machine.Config{MemorySize: o.mem, Host: o.host, Console: stdout, Logger: p.log, Journal: sw,
-		SyncPoints: true, DeltaAfter: 10 * time.Millisecond, DigestEvery: time.Second}
+		SyncPoints: true, DeltaAfter: 10 * time.Millisecond, DigestEvery: time.Second, Positions: p.positions.new}
 	switch {
 	case o.hostCPU >= 0:
 		cfg.HostCPU = machine.HostCPU{Pinned: true, CPU: o.hostCPU}
@@ -288,6 +289,7 @@ func runPair(o *options, stdin *os.File, stdout, stderr io.Writer, log *slog.Log
 		return fail(fmt.Errorf("-arbiter: %w", err))
 	}
 	defer p.arb.Close()
+	p.positions = hostPositions(o.positions, log)
 	p.name = o.pair.name
 	if p.name == "" {
 		host, _ := os.Hostname()
