@@ -264,13 +264,8 @@ func recordSyncBusy(t *testing.T) machine.ExitStats {
 		t.Fatal(err)
 	}
 	m := newDeltaMachine(t, prog, deltaConfig(rec, true), true)
-	go func() {
-		rng := rand.New(rand.NewSource(1))
-		for i := 0; i < 20; i++ {
-			time.Sleep(time.Duration(rng.Intn(8000)) * time.Microsecond)
-			m.DeliverSerial([]byte{byte('a' + i)})
-		}
-	}()
+	rng := rand.New(rand.NewSource(1))
+	typeWhenReady(m, 'a', func(int) time.Duration { return time.Duration(rng.Intn(8000)) * time.Microsecond })
 	stop, err := m.Run(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -373,9 +368,7 @@ func TestDeltaFollowFile(t *testing.T) {
 
 // TestSyncCheckNamesRegisters: a register that differs in a replay (here
 // R15, which the fixed-work guest never touches, so nothing else changes)
-// is caught at the next digest check, by name. (No console input here: on
-// the lab host, with the dirty log on, the kernel-mode UART handler of the
-// busy guest now and then lost a byte in recording, see BENCHMARKS.md.)
+// is caught at the next digest check, by name.
 func TestSyncCheckNamesRegisters(t *testing.T) {
 	work, err := tinyguest.Assemble(t.TempDir(), workGuest)
 	if err != nil {

@@ -111,6 +111,28 @@ func newMachineFor(t *testing.T, prog *tinyguest.Program, j machine.Journal, con
 	return m
 }
 
+// typeWhenReady types the 20 console bytes the busy guest waits for into
+// m, first, first+1, ..., each after pause(i), once the guest has set up
+// its UART: its FIFO-enable write clears the receiver, as on a real 16550
+// (and QEMU's), so a byte typed before it would never reach the guest.
+// Call it before m runs.
+func typeWhenReady(m *machine.Machine, first byte, pause func(i int) time.Duration) {
+	ready := make(chan struct{})
+	var once sync.Once
+	m.SetOnExit(func(ex machine.Exit) {
+		if ex.Write && ex.Addr == 0x3fa { // FCR
+			once.Do(func() { close(ready) })
+		}
+	})
+	go func() {
+		<-ready
+		for i := 0; i < 20; i++ {
+			time.Sleep(pause(i))
+			m.DeliverSerial([]byte{first + byte(i)})
+		}
+	}()
+}
+
 // perturb loads the host's CPUs until stop is closed.
 func perturb(stop <-chan struct{}) *sync.WaitGroup {
 	var wg sync.WaitGroup
@@ -145,12 +167,7 @@ func record(t *testing.T, rng *rand.Rand) ([]byte, machine.Stop, [32]byte) {
 		t.Fatal(err)
 	}
 	m := newMachine(t, rec, nil)
-	go func() {
-		for i := 0; i < 20; i++ {
-			time.Sleep(time.Duration(rng.Intn(8000)) * time.Microsecond)
-			m.DeliverSerial([]byte{byte('a' + i)})
-		}
-	}()
+	typeWhenReady(m, 'a', func(int) time.Duration { return time.Duration(rng.Intn(8000)) * time.Microsecond })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	stop, err := m.Run(ctx)
@@ -339,12 +356,7 @@ func recordWhileReplaying(t *testing.T, w io.Writer, flushEvery time.Duration, c
 		d, _ := m.Digest()
 		done <- result{stop, d, err}
 	}()
-	go func() {
-		for i := 0; i < 20; i++ {
-			time.Sleep(2 * time.Millisecond)
-			src.DeliverSerial([]byte{byte('A' + i)})
-		}
-	}()
+	typeWhenReady(src, 'A', func(int) time.Duration { return 2 * time.Millisecond })
 	stop, err := src.Run(context.Background())
 	if err != nil {
 		t.Fatal(err)

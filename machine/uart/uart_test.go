@@ -621,6 +621,17 @@ func TestFCRResets(t *testing.T) {
 	if r.in(regLSR)&lsrDR != 0 {
 		t.Fatal("disabling FIFOs kept data")
 	}
+	// Enabling FIFOs resets them too: a byte that reached the holding
+	// register before the driver's set-up is gone (a 16550 does this, and
+	// so does QEMU's; console input typed that early is lost).
+	if n := r.u.Receive([]byte("x")); n != 1 {
+		t.Fatalf("holding register took %d bytes", n)
+	}
+	r.outb(regIIR, 0x01)
+	if r.in(regLSR)&lsrDR != 0 {
+		t.Fatal("enabling FIFOs kept the holding register's byte")
+	}
+	r.outb(regIIR, 0x00)
 	r.wantIIR(0x01)
 	r.outb(regIIR, 0xc0) // bit 0 clear: other bits not programmed
 	if r.u.Save().FCR != 0 {
