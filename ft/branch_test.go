@@ -87,7 +87,7 @@ func TestBranchPointReplay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rounds := 10
+	rounds := 20
 	if testing.Short() {
 		rounds = 3
 	}
