@@ -222,8 +222,10 @@ const debugTrapPort = 0x502
 type HostDebugGuest struct {
 	g     *tinyGuest
 	level string // "CPL3" or "CPL0"
-	bp    uint64
-	bpSet bool
+	// st holds the breakpoint and sets KVM_SET_GUEST_DEBUG; Run and Step
+	// are the probe's own (a watchdog, and diagnostics of what the host
+	// did instead of stopping).
+	st VCPUStepper
 }
 
 // NewHostDebugGuest builds the debug probe guest, at CPL3 if user, else at
@@ -233,7 +235,7 @@ func NewHostDebugGuest(user bool) (*HostDebugGuest, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &HostDebugGuest{g: g, level: "CPL0"}
+	d := &HostDebugGuest{g: g, level: "CPL0", st: VCPUStepper{CPU: g.cpu}}
 	if user {
 		d.level = "CPL3"
 	}
@@ -247,21 +249,6 @@ func (d *HostDebugGuest) Rewind() (next, bp uint64, err error) {
 		return 0, 0, err
 	}
 	return d.g.sym("step"), d.g.sym("bp"), nil
-}
-
-// guestDebug sets KVM_SET_GUEST_DEBUG: a single step if step, the
-// breakpoint if set and bp.
-func (d *HostDebugGuest) guestDebug(step, bp bool) error {
-	var gd kvm.GuestDebug
-	if step {
-		gd.Control |= kvm.GuestDebugEnable | kvm.GuestDebugSingleStep
-	}
-	if bp && d.bpSet {
-		gd.Control |= kvm.GuestDebugEnable | kvm.GuestDebugUseHWBP
-		gd.DebugReg[0] = d.bp
-		gd.DebugReg[7] = dr7ExecDR0
-	}
-	return d.g.cpu.SetGuestDebug(gd)
 }
 
 // enter runs the guest until it stops for anything but a stray signal.
@@ -321,7 +308,7 @@ func (d *HostDebugGuest) Run() (Stop, error) {
 	if err != nil {
 		return StopOther, err
 	}
-	if d.bpSet && r.RIP == d.bp {
+	if d.st.bpSet && r.RIP == d.st.bp {
 		if _, err := d.Step(); err != nil {
 			return StopOther, fmt.Errorf("step over the breakpoint: %w", err)
 		}
@@ -330,8 +317,8 @@ func (d *HostDebugGuest) Run() (Stop, error) {
 		}
 	}
 	// The code is straight: the breakpoint is ahead if it is further on.
-	ahead := d.bpSet && r.RIP < d.bp
-	if err := d.guestDebug(false, true); err != nil {
+	ahead := d.st.bpSet && r.RIP < d.st.bp
+	if err := d.st.guestDebug(false, true); err != nil {
 		return StopOther, err
 	}
 	why, err := d.enter()
@@ -345,7 +332,7 @@ func (d *HostDebugGuest) Run() (Stop, error) {
 	if err != nil {
 		return StopOther, err
 	}
-	if d.bpSet && rip == d.bp {
+	if d.st.bpSet && rip == d.st.bp {
 		return StopBreakpoint, nil
 	}
 	return StopOther, nil
@@ -354,11 +341,11 @@ func (d *HostDebugGuest) Run() (Stop, error) {
 // Step executes one instruction (one iteration of a REP instruction), with
 // the breakpoint off so that it cannot stop the guest before it moves.
 func (d *HostDebugGuest) Step() (_ Stop, err error) {
-	if err := d.guestDebug(true, false); err != nil {
+	if err := d.st.guestDebug(true, false); err != nil {
 		return StopOther, err
 	}
 	defer func() {
-		if derr := d.guestDebug(false, true); derr != nil && err == nil {
+		if derr := d.st.guestDebug(false, true); derr != nil && err == nil {
 			err = derr
 		}
 	}()
@@ -376,22 +363,13 @@ func (d *HostDebugGuest) Step() (_ Stop, err error) {
 }
 
 // Regs reads RIP and RCX.
-func (d *HostDebugGuest) Regs() (Regs, error) {
-	r, err := d.g.cpu.GetRegs()
-	return Regs{RIP: r.RIP, RCX: r.RCX}, err
-}
+func (d *HostDebugGuest) Regs() (Regs, error) { return d.st.Regs() }
 
 // SetBreakpoint sets the execution breakpoint (DR0).
-func (d *HostDebugGuest) SetBreakpoint(rip uint64) error {
-	d.bp, d.bpSet = rip, true
-	return d.guestDebug(false, true)
-}
+func (d *HostDebugGuest) SetBreakpoint(rip uint64) error { return d.st.SetBreakpoint(rip) }
 
 // ClearBreakpoint removes it.
-func (d *HostDebugGuest) ClearBreakpoint() error {
-	d.bpSet = false
-	return d.guestDebug(false, false)
-}
+func (d *HostDebugGuest) ClearBreakpoint() error { return d.st.ClearBreakpoint() }
 
 // Close frees the guest.
 func (d *HostDebugGuest) Close() error { return d.g.Close() }
