@@ -139,8 +139,8 @@ func (r *recording) finish(m *machine.Machine, stderr io.Writer) error {
 		return err
 	}
 	st := m.Stats()
-	fmt.Fprintf(stderr, "\r\ngokvm-ft: recorded %d entries, %d bytes, %d deterministic exits, %d state deltas, %d digest checks into %s\n",
-		r.rec.Entries(), r.rec.Bytes(), m.Exits(), st.Deltas, st.SyncChecks, r.o.ftLog)
+	fmt.Fprintf(stderr, "\r\ngokvm-ft: recorded %d entries, %d bytes, %d deterministic exits, %d state deltas, %d branch points, %d digest checks into %s\n",
+		r.rec.Entries(), r.rec.Bytes(), m.Exits(), st.Deltas, st.BranchPoints, st.SyncChecks, r.o.ftLog)
 	return nil
 }
 
@@ -269,7 +269,7 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 		return err
 	}
 	st := m.Stats()
-	fmt.Fprintf(stderr, "\r\ngokvm-ft replay: the replay matched the recording: %d log entries, %d deterministic exits, %d state deltas applied, %d digest checks passed, guest stopped with %v, same state digest (%v)\n",
-		rep.Entries, m.Exits(), st.Deltas, st.SyncChecks, stop, time.Since(start).Round(time.Millisecond))
+	fmt.Fprintf(stderr, "\r\ngokvm-ft replay: the replay matched the recording: %d log entries, %d deterministic exits, %d state deltas applied, %d branch points reached, %d digest checks passed, guest stopped with %v, same state digest (%v)\n",
+		rep.Entries, m.Exits(), st.Deltas, st.BranchPoints, st.SyncChecks, stop, time.Since(start).Round(time.Millisecond))
 	return nil
 }
