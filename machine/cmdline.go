@@ -23,7 +23,15 @@ const baseCmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200 nolapic noapi
 // REP MOVSB one byte per step, so with them Linux's memcpy (REP MOVSB) costs
 // about 2 us per byte here; without them it uses REP MOVSQ, eight bytes a
 // step, which halved the time to unpack the initramfs.
-const labCmdline = "gokvm.lab=1 noxsave clearcpuid=cx16,popcnt,smep,smap,fsgsbase,pcid,invpcid,avx,avx2,rdrand,rdseed,rdpid,rdtscp,x2apic,tsc_deadline_timer,erms,fsrm"
+//
+// User mode needs one more: with noxsave the kernel saves only the x87 and
+// SSE state of a task, but user-mode CPUID here shows the host's OSXSAVE
+// and AVX bits and XGETBV answers with the host's XCR0
+// (TestProbeUserAVXWithoutOSXSAVE), so programs use YMM and ZMM registers
+// whose upper parts a context switch then hands from one task to the
+// next. GODEBUG=cpu.all=off, which Linux passes to init's environment,
+// keeps Go programs (all of u-root) to the baseline instruction set.
+const labCmdline = "gokvm.lab=1 noxsave clearcpuid=cx16,popcnt,smep,smap,fsgsbase,pcid,invpcid,avx,avx2,rdrand,rdseed,rdpid,rdtscp,x2apic,tsc_deadline_timer,erms,fsrm GODEBUG=cpu.all=off"
 
 // KernelCmdline is the kernel command line for this machine on a host of
 // the given kind, followed by the user's extra arguments. tscKHz, when not

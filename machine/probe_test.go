@@ -124,3 +124,46 @@ func TestProbeCPUIDAcrossHostCPUs(t *testing.T) {
 		}
 	}
 }
+
+// TestProbeUserAVXWithoutOSXSAVE: with the guest's CR4.OSXSAVE clear (a
+// kernel booted with noxsave, as the lab command line has), CPUID leaf 1
+// must say OSXSAVE=0 and XGETBV must raise #UD, so programs do not use
+// AVX state the kernel does not save. Where user-mode CPUID shows OSXSAVE
+// and XGETBV answers (the lab host runs CPL3 natively, with its own CR4),
+// a Go program in the guest uses AVX, and the kernel's context switches,
+// saving only the XMM halves, corrupt its YMM registers.
+func TestProbeUserAVXWithoutOSXSAVE(t *testing.T) {
+	g := newGuest(t, `
+_start:
+	mov %cr4, %rax
+	and $~(1 << 18), %rax
+	mov %rax, %cr4
+`+toUser+`
+user:
+	mov $1, %eax
+	xor %ecx, %ecx
+	cpuid
+	mov %ecx, %ebx
+	shr $27, %ebx
+	and $1, %ebx
+	shl $8, %ebx
+	xor %ecx, %ecx
+	xgetbv
+	and $0xff, %eax
+	or %ebx, %eax
+`+exitWithEAX+`
+vec_6:
+	mov $0x1000, %eax
+`+exitWithEAX, machine.Config{}, tinyguest.Options{Kernel: true})
+	stop := g.run(5 * time.Second)
+	if stop.Kind != machine.StopTestExit {
+		t.Fatalf("stop %v", stop)
+	}
+	switch c := stop.Code; {
+	case c == 0x1000:
+		t.Logf("user-mode XGETBV raised #UD with CR4.OSXSAVE clear, as architected (host %v)", g.m.Policy().Host)
+	default:
+		t.Logf("user-mode CPUID.1 OSXSAVE=%d and XGETBV ran with CR4.OSXSAVE clear: XCR0 low byte %#x (AVX state %v) (host %v)",
+			c>>8&1, c&0xff, c&6 == 6, g.m.Policy().Host)
+	}
+}

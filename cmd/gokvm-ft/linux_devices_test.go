@@ -254,7 +254,8 @@ func need(t *testing.T, tools ...string) {
 // The Linux device tests share one guest configuration, so that one boot
 // serves them all: the first boots it and snapshots it at the shell prompt
 // into a cache outside the repo (keyed by kernel, initramfs, machine model
-// and state version, host kind and flags); the others restore it.
+// and state version, host kind, flags and kernel command line); the others
+// restore it.
 const sharedGuestNet = "tap=gk0,mac=52:54:00:12:34:56"
 
 var sharedGuestFlags = []string{"-mem", "256M", "-net", sharedGuestNet, "-append", "gokvm.ip=10.0.2.15/24,10.0.2.2"}
@@ -279,7 +280,10 @@ func snapshotCacheDir(t *testing.T, kernel, initrd string) string {
 		}
 		h.Write(b)
 	}
-	fmt.Fprintf(h, "%s %d %v %q", machine.ModelVersion, machine.StateVersion, machine.DetectHostKind(), sharedGuestFlags)
+	host := machine.DetectHostKind()
+	// The command line is in the snapshot's running guest (its init's
+	// environment included): a new one needs a new boot.
+	fmt.Fprintf(h, "%s %d %v %q %q", machine.ModelVersion, machine.StateVersion, host, sharedGuestFlags, machine.KernelCmdline(host, 0, ""))
 	base := os.Getenv("XDG_CACHE_HOME")
 	if base == "" {
 		home, _ := os.UserHomeDir()
