@@ -1,7 +1,8 @@
 // Package boot puts a Linux kernel, its initrd and command line into guest
 // memory and returns the vCPU state to start it with, using the 64-bit boot
 // protocol (Documentation/arch/x86/boot.rst): the VMM builds the zero page
-// (struct boot_params) with an e820 map, identity-maps the low 4 GiB and
+// (struct boot_params) with an e820 map, writes an MP table for the one
+// processor, identity-maps the low 4 GiB and
 // enters the kernel in long mode with RSI pointing at the zero page. No
 // real-mode or 32-bit code runs, which matters on hosts where those are
 // emulated.
@@ -169,6 +170,9 @@ func Load(mem Memory, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	if err := writeGDT(mem); err != nil {
+		return nil, err
+	}
+	if err := writeMPTables(mem); err != nil {
 		return nil, err
 	}
 	res.Regs = kvm.Regs{RIP: k.entry, RSI: ZeroPageAddr, RSP: stackTop, RFLAGS: 2}

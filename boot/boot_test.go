@@ -131,6 +131,48 @@ func TestLoadBzImage(t *testing.T) {
 	}
 }
 
+// TestMPTable: the floating pointer is where Linux looks second (the last
+// KiB of base memory, inside the e820 reserved range), both structures
+// check out as Linux checks them (signature, length, revision, checksum),
+// and the table lists one enabled bootstrap processor and an ISA bus.
+func TestMPTable(t *testing.T) {
+	mem := make(fakeMem, 64<<20)
+	if _, err := Load(mem, Config{KernelName: "bz", Kernel: fakeBzImage(8192)}); err != nil {
+		t.Fatal(err)
+	}
+	le := binary.LittleEndian
+	sum := func(b []byte) (s byte) {
+		for _, c := range b {
+			s += c
+		}
+		return s
+	}
+	f := mem[0x9fc00 : 0x9fc00+16]
+	if string(f[:4]) != "_MP_" || f[8] != 1 || (f[9] != 1 && f[9] != 4) || sum(f) != 0 || f[11] != 0 {
+		t.Fatalf("floating pointer % x", f)
+	}
+	inReserved := false
+	for _, e := range E820Map(mem.Size()) {
+		if e.Type == E820Reserved && e.Addr <= 0x9fc00 && 0x9fc00+16+64 <= e.Addr+e.Size {
+			inReserved = true
+		}
+	}
+	if !inReserved {
+		t.Error("the MP tables are not in reserved memory")
+	}
+	at := le.Uint32(f[4:])
+	hdr := mem[at : at+44]
+	n := le.Uint16(hdr[4:])
+	c := mem[at : at+uint32(n)]
+	if string(hdr[:4]) != "PCMP" || hdr[6] != 4 || sum(c) != 0 || le.Uint32(hdr[36:]) != 0xfee00000 || le.Uint16(hdr[34:]) != 2 {
+		t.Fatalf("configuration table % x", c)
+	}
+	proc, bus := c[44:64], c[64:72]
+	if proc[0] != 0 || proc[3] != 3 || bus[0] != 1 || string(bus[2:8]) != "ISA   " {
+		t.Fatalf("entries % x / % x", proc, bus)
+	}
+}
+
 func TestLoadELF(t *testing.T) {
 	mem := make(fakeMem, 64<<20)
 	code := []byte{0xf4, 0xeb, 0xfd}
