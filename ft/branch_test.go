@@ -63,16 +63,16 @@ func (regCounter) ArmOverflow(uint64) error {
 
 func (regCounter) Disarm() error { return nil }
 
-// withRegSource gives a machine the position source on regCounter.
-func withRegSource(m *machine.Machine) {
-	cpu := m.VCPU()
-	m.SetPositionSource(&pmu.Source{
+// regPositions is a machine's position source on regCounter
+// (machine.Config.Positions).
+func regPositions(cpu *kvm.VCPU) (machine.PositionSource, error) {
+	return &pmu.Source{
 		CPU:  cpu,
 		Skid: 1 << 40, // never arm the overflow it does not have
 		Open: func() (pmu.Counter, func() error, error) {
 			return regCounter{cpu}, func() error { return nil }, nil
 		},
-	})
+	}, nil
 }
 
 // TestBranchPointReplay records a guest that makes no exits of its own
@@ -94,11 +94,11 @@ func TestBranchPointReplay(t *testing.T) {
 	var points, checks, logBytes uint64
 	var rec, rep time.Duration
 	for i := range rounds {
-		r := recordSyncWith(t, prog, true, true, withRegSource)
+		r := recordSyncWith(t, prog, true, true, regPositions)
 		if r.stats.BranchPoints == 0 || r.stats.Deltas != 0 {
 			t.Fatalf("round %d: recording took %d branch points and %d state deltas; want branch points only", i, r.stats.BranchPoints, r.stats.Deltas)
 		}
-		got, err := replaySyncWith(t, prog, true, r.log, nil, withRegSource)
+		got, err := replaySyncWith(t, prog, true, r.log, nil, regPositions)
 		if err != nil {
 			t.Fatalf("round %d: replay: %v", i, err)
 		}
@@ -135,7 +135,7 @@ func TestBranchPointNeedsSource(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := recordSyncWith(t, prog, true, true, withRegSource)
+	r := recordSyncWith(t, prog, true, true, regPositions)
 	if _, err := replaySync(t, prog, true, r.log, nil); !errors.Is(err, machine.ErrNoPositionSource) {
 		t.Fatalf("replay without a position source: %v, want %v", err, machine.ErrNoPositionSource)
 	}
@@ -152,7 +152,7 @@ func TestBranchPointNeedsSource(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	_, err = replaySyncWith(t, prog, true, r.log, skew, withRegSource)
+	_, err = replaySyncWith(t, prog, true, r.log, skew, regPositions)
 	var mismatch *machine.SyncMismatchError
 	if !errors.As(err, &mismatch) {
 		t.Fatalf("replay with a skewed counter: %v, want a sync point mismatch", err)
@@ -169,9 +169,7 @@ func TestPairBranchPoints(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := newPairFor(t, prog)
-	withRegSource(r.primary.M)
-	withRegSource(r.backup.M)
+	r := newPairWith(t, prog, regPositions)
 	p, b := r.start(t)
 	wantExit(t, "primary", <-p)
 	res := <-b

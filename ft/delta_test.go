@@ -13,6 +13,7 @@ import (
 
 	"github.com/gokvm-ft/gokvm-ft/ft"
 	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
+	"github.com/gokvm-ft/gokvm-ft/kvm"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 )
 
@@ -103,19 +104,18 @@ func recordSync(t *testing.T, p *tinyguest.Program, kernel, deltas bool) syncRun
 	return recordSyncWith(t, p, kernel, deltas, nil)
 }
 
-// recordSyncWith is recordSync with setup, if set, run on the machine
-// before the recording starts.
-func recordSyncWith(t *testing.T, p *tinyguest.Program, kernel, deltas bool, setup func(*machine.Machine)) syncRun {
+// recordSyncWith is recordSync on a machine whose position source, if
+// any, positions makes (machine.Config.Positions).
+func recordSyncWith(t *testing.T, p *tinyguest.Program, kernel, deltas bool, positions func(*kvm.VCPU) (machine.PositionSource, error)) syncRun {
 	t.Helper()
 	var log bytes.Buffer
 	rec, err := ft.NewRecorder(&log, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := newDeltaMachine(t, p, deltaConfig(rec, deltas), kernel)
-	if setup != nil {
-		setup(m)
-	}
+	cfg := deltaConfig(rec, deltas)
+	cfg.Positions = positions
+	m := newDeltaMachine(t, p, cfg, kernel)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	start := time.Now()
@@ -143,9 +143,9 @@ func replaySync(t *testing.T, p *tinyguest.Program, kernel bool, log []byte, cor
 	return replaySyncWith(t, p, kernel, log, corrupt, nil)
 }
 
-// replaySyncWith is replaySync with setup, if set, run on the machine
-// before the replay starts.
-func replaySyncWith(t *testing.T, p *tinyguest.Program, kernel bool, log []byte, corrupt, setup func(*machine.Machine)) (syncRun, error) {
+// replaySyncWith is replaySync on a machine whose position source, if
+// any, positions makes.
+func replaySyncWith(t *testing.T, p *tinyguest.Program, kernel bool, log []byte, corrupt func(*machine.Machine), positions func(*kvm.VCPU) (machine.PositionSource, error)) (syncRun, error) {
 	t.Helper()
 	rep, err := ft.NewReplayer(bytes.NewReader(log))
 	if err != nil {
@@ -160,10 +160,8 @@ func replaySyncWith(t *testing.T, p *tinyguest.Program, kernel bool, log []byte,
 			}
 		}
 	}
+	cfg.Positions = positions
 	m = newDeltaMachine(t, p, cfg, kernel)
-	if setup != nil {
-		setup(m)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	start := time.Now()

@@ -19,6 +19,7 @@ import (
 	"github.com/gokvm-ft/gokvm-ft/internal/benchutil"
 	"github.com/gokvm-ft/gokvm-ft/internal/netproxy"
 	"github.com/gokvm-ft/gokvm-ft/internal/tinyguest"
+	"github.com/gokvm-ft/gokvm-ft/kvm"
 	"github.com/gokvm-ft/gokvm-ft/machine"
 	"github.com/gokvm-ft/gokvm-ft/migrate"
 )
@@ -110,17 +111,19 @@ func (d *seqDevice) WritePort(_ uint16, data []byte) {
 // pairNode builds a VMM of a pair running seqGuest.
 func pairNode(t *testing.T, w *wire, name string, arb arbiter.Arbiter) (*ft.Node, *machine.Runner) {
 	t.Helper()
-	return pairNodeFor(t, w, name, arb, seqProgram(t))
+	return pairNodeFor(t, w, name, arb, seqProgram(t), nil)
 }
 
-// pairNodeFor builds a VMM of a pair running prog.
-func pairNodeFor(t *testing.T, w *wire, name string, arb arbiter.Arbiter, prog *tinyguest.Program) (*ft.Node, *machine.Runner) {
+// pairNodeFor builds a VMM of a pair running prog, with the position
+// source positions makes, if set.
+func pairNodeFor(t *testing.T, w *wire, name string, arb arbiter.Arbiter, prog *tinyguest.Program, positions func(*kvm.VCPU) (machine.PositionSource, error)) (*ft.Node, *machine.Runner) {
 	t.Helper()
 	if _, err := os.Stat("/dev/kvm"); err != nil {
 		t.Skip("no /dev/kvm")
 	}
 	sw := ft.NewSwitch(nil)
 	cfg := deltaConfig(sw, true)
+	cfg.Positions = positions
 	m := newDeltaMachine(t, prog, cfg, true)
 	w.mu.Lock()
 	w.emit[name] = map[uint32]time.Time{}
@@ -167,13 +170,20 @@ func newPair(t *testing.T, tune ...func(*channel.Config)) *pairRig {
 // newPairFor is newPair for prog.
 func newPairFor(t *testing.T, prog *tinyguest.Program, tune ...func(*channel.Config)) *pairRig {
 	t.Helper()
+	return newPairWith(t, prog, nil, tune...)
+}
+
+// newPairWith is newPairFor with VMMs whose position source, if any,
+// positions makes.
+func newPairWith(t *testing.T, prog *tinyguest.Program, positions func(*kvm.VCPU) (machine.PositionSource, error), tune ...func(*channel.Config)) *pairRig {
+	t.Helper()
 	arb, err := arbiter.Open("file:" + t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	r := &pairRig{w: newWire(), arb: arb}
-	r.primary, r.pRunner = pairNodeFor(t, r.w, "A", arb, prog)
-	r.backup, r.bRunner = pairNodeFor(t, r.w, "B", arb, prog)
+	r.primary, r.pRunner = pairNodeFor(t, r.w, "A", arb, prog, positions)
+	r.backup, r.bRunner = pairNodeFor(t, r.w, "B", arb, prog, positions)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if res, err := r.primary.Claim(ctx, 0); err != nil || !res.Won {
@@ -680,7 +690,7 @@ func TestPairOverhead(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		n, rn := pairNodeFor(t, newWire(), "A", arb, p)
+		n, rn := pairNodeFor(t, newWire(), "A", arb, p, nil)
 		start := time.Now()
 		wantExit(t, "alone", <-runNode(t, n, rn))
 		return time.Since(start)

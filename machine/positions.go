@@ -30,11 +30,6 @@ type PositionSource interface {
 	Stop() error
 }
 
-// SetPositionSource makes p the machine's position source (nil: positions
-// are deterministic exits, and state deltas fill the gaps). Call it before
-// Run; a recording and its replay must both have one or both not.
-func (m *Machine) SetPositionSource(p PositionSource) { m.positions = p }
-
 // ErrNoPositionSource: a replay met a branch point, which only a machine
 // with a position source can reach.
 var ErrNoPositionSource = errors.New("the log has branch points (it was recorded with a branch counter), and this machine has no position source")
