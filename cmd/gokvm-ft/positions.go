@@ -45,7 +45,7 @@ func hostPositions(mode string, log *slog.Logger) positions {
 	}
 	name := positionsCounterPrefix + "(" + ev.Uarch + ") + deterministic exits"
 	log.Info("position source: "+name+" (experimental)", "probe", p.Reason)
-	return positions{name: name, new: func(cpu *kvm.VCPU) (machine.PositionSource, error) { return pmu.HostSource(cpu) }}
+	return positions{name: name, new: func(cpu *kvm.VCPU) (machine.PositionSource, error) { return pmu.HostSource(cpu, ev), nil }}
 }
 
 // replayPositions is the position source a replay of a log recorded with

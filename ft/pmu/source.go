@@ -29,14 +29,10 @@ type Source struct {
 
 var _ machine.PositionSource = (*Source)(nil)
 
-// HostSource is the position source on this host's counter (HostEvent's
-// event and skid) for the vCPU cpu. Use it only where ProbeHost says the
-// host's counter and guest debugging are usable.
-func HostSource(cpu *kvm.VCPU) (*Source, error) {
-	ev, err := HostEvent()
-	if err != nil {
-		return nil, err
-	}
+// HostSource is the position source on this host's counter (ev, from
+// HostEvent: its event and skid) for the vCPU cpu. Use it only where
+// ProbeHost says the host's counter and guest debugging are usable.
+func HostSource(cpu *kvm.VCPU, ev kvm.BranchEvent) *Source {
 	return &Source{
 		CPU:  cpu,
 		Skid: ev.Skid,
@@ -51,7 +47,7 @@ func HostSource(cpu *kvm.VCPU) (*Source, error) {
 			}
 			return PerfCounter{C: c}, c.Close, nil
 		},
-	}, nil
+	}
 }
 
 // Start opens the counter on the calling thread.
