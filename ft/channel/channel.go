@@ -486,10 +486,12 @@ func (c *Conn) readLoop() {
 			c.fail(&ByeError{Reason: string(p)})
 			return
 		case mControl:
+			// A reader that falls behind holds the stream (TCP pushes
+			// back on the peer) rather than losing the connection: a
+			// busy host may not schedule it for a while.
 			select {
 			case c.control <- p:
-			default:
-				c.fail(fmt.Errorf("%w: protocol error: control messages not read", ErrPeerLost))
+			case <-c.dead:
 				return
 			}
 		default:
@@ -554,7 +556,9 @@ func (c *Conn) heartbeat() {
 // status).
 func (c *Conn) SendControl(p []byte) error { return c.writeFrame(mControl, p) }
 
-// Control delivers the peer's control messages.
+// Control delivers the peer's control messages. Its owner must read it:
+// the messages after an unread one wait, and so does the peer's log and
+// acknowledgements behind them.
 func (c *Conn) Control() <-chan []byte { return c.control }
 
 // LogWriter is the primary's log stream to the backup.

@@ -70,6 +70,43 @@ func viaProxy(t *testing.T, px **netproxy.Proxy) func(target string) string {
 	}
 }
 
+// A burst of control messages that the owner reads late (a busy host)
+// waits for it: none lost, in order, and the channel stays up.
+func TestControlReadLate(t *testing.T) {
+	p, b, perr, berr := pair(t, Config{Key: testKey}, Config{Key: testKey}, nil)
+	if perr != nil || berr != nil {
+		t.Fatalf("handshake: %v / %v", perr, berr)
+	}
+	const n = 200 // well over the queue's length
+	for i := range n {
+		if err := p.SendControl([]byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // under Timeout: the backup reads nothing meanwhile
+	for i := range n {
+		select {
+		case m := <-b.Control():
+			if len(m) != 1 || m[0] != byte(i) {
+				t.Fatalf("control message %d: %v", i, m)
+			}
+		case <-b.Dead():
+			t.Fatalf("after %d control messages the channel died: %v", i, b.Err())
+		case <-time.After(5 * time.Second):
+			t.Fatalf("control message %d did not come", i)
+		}
+	}
+	// The log behind them still flows.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := p.LogWriter().Write([]byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WaitAcked(ctx, 5); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestHandshakeAndLog(t *testing.T) {
 	p, b, perr, berr := pair(t, Config{Key: testKey, Compat: []byte("P")}, Config{Key: testKey, Compat: []byte("B")}, nil)
 	if perr != nil || berr != nil {
