@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"sync"
@@ -139,9 +141,36 @@ func pairNodeFor(t *testing.T, w *wire, name string, arb arbiter.Arbiter, prog *
 	if err := m.RegisterPort(0x600, 4, dev); err != nil {
 		t.Fatal(err)
 	}
-	n := ft.NewNode(m, sw, arb, name, nil)
+	// The nodes' logs show in a failing test's report.
+	n := ft.NewNode(m, sw, arb, name, slog.New(slog.NewTextHandler(newTestLog(t), nil)).With("node", name))
 	n.ClaimTimeout = 2 * time.Second
 	return n, &machine.Runner{M: m}
+}
+
+// testLog writes to t's output until t ends, and drops what the nodes'
+// goroutines log after that (testing panics on a late write).
+type testLog struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func newTestLog(t *testing.T) *testLog {
+	l := &testLog{w: t.Output()}
+	t.Cleanup(func() {
+		l.mu.Lock()
+		l.w = nil
+		l.mu.Unlock()
+	})
+	return l
+}
+
+func (l *testLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.w == nil {
+		return len(p), nil
+	}
+	return l.w.Write(p)
 }
 
 type pairRig struct {
@@ -351,12 +380,16 @@ func TestPairOutputWaitsForAck(t *testing.T) {
 	r.w.mu.Lock()
 	defer r.w.mu.Unlock()
 	// An output waits for the acknowledgement of the log up to it, which
-	// went out with the last entry before it: at most a few ms before the
-	// output (the PIT logs an interrupt every ms).
+	// went out with the last entry before it: usually a ms or so before
+	// the output (the PIT logs an interrupt every ms), but on a busy host
+	// the vCPU thread may lose the CPU in between (11 ms seen here), so
+	// each output only has to show that it waited for an acknowledgement
+	// (an output let go at once leaves within microseconds), and the
+	// mean the whole delay.
 	var sum time.Duration
 	for _, s := range r.w.got {
 		held := s.left.Sub(s.produced)
-		if held < delay-10*time.Millisecond {
+		if held < delay/2 {
 			t.Fatalf("output %d left %v after the guest produced it, before its log could be acknowledged (acks take %v)", s.seq, held, delay)
 		}
 		sum += held
