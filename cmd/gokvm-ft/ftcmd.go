@@ -216,7 +216,7 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 			return fmt.Errorf("the starting disk: %w", err)
 		}
 	} else if vm.Restore != "" {
-		o.disk = filepath.Join(tmp, "disk.img") // restoreMachine copies the snapshot's there, if it has one
+		o.restoreDisk = filepath.Join(tmp, "disk.img")
 	}
 	if vm.NetMAC != "" {
 		// Frames come from the log; the guest's frames go nowhere.
@@ -239,14 +239,6 @@ func replay(logFile string, verify bool, stdout, stderr io.Writer, log *slog.Log
 	var m *machine.Machine
 	var devs *devices
 	if vm.Restore != "" {
-		snap, serr := migrate.Open(vm.Restore)
-		if serr == nil {
-			_, hasDisk := snap.Disk("disk")
-			snap.Close()
-			if !hasDisk {
-				o.disk = ""
-			}
-		}
 		m, devs, err = restoreMachine(o, cfg, log)
 	} else {
 		m, devs, err = bootMachine(o, cfg, log)

@@ -51,6 +51,7 @@ type options struct {
 	net         *netSpec
 	control     string        // control socket path
 	restore     string        // snapshot directory to start from
+	restoreDisk string        // replay: where a restored snapshot's disk is copied, if it has one
 	incoming    string        // address to receive a live transfer on
 	ftLog       string        // record: the log file to write
 	deltaAfter  time.Duration // record: state delta bound (0: exits only)

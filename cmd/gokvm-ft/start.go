@@ -35,7 +35,11 @@ func restoreMachine(o *options, cfg machine.Config, log *slog.Logger) (*machine.
 	defer snap.Close()
 	diskPath := ""
 	if d, ok := snap.Disk("disk"); ok {
-		if diskPath, err = snap.PrepareDisk(d, o.disk); err != nil {
+		target := o.disk
+		if target == "" {
+			target = o.restoreDisk
+		}
+		if diskPath, err = snap.PrepareDisk(d, target); err != nil {
 			return nil, nil, fmt.Errorf("-restore: %w", err)
 		}
 		o.diskRO = d.ReadOnly
