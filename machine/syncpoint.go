@@ -121,10 +121,10 @@ func (s *SyncPoint) MarshalBinary() ([]byte, error) {
 	}
 	if !s.Delta {
 		b, err := binary.Append(b, binary.LittleEndian, s.Regs)
-		if s.Branch {
-			b = binary.LittleEndian.AppendUint64(b, s.Branches)
+		if err != nil || !s.Branch {
+			return b, err
 		}
-		return b, err
+		return binary.LittleEndian.AppendUint64(b, s.Branches), nil
 	}
 	if s.VCPU == nil || len(s.Data) != len(s.Pages)*PageSize {
 		return nil, errors.New("sync point: a delta needs the vCPU state and PageSize bytes per page")
